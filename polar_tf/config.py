@@ -1,0 +1,137 @@
+"""The one home of every hyperparameter.
+
+Defaults follow the original implementation (see METHOD.md of the project):
+
+    python train.py --dataset=mnist            # c = 0.5, eps = 0.3, 60 epochs, ~99% clean
+    python train.py --dataset=fashion_mnist    # c = 0.2, eps = 0.1
+
+Flags only fill a `Config`; library code never reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+DATASETS = ("mnist", "fashion_mnist")
+MODELS = ("polarized", "baseline", "direct_quant")
+BACKWARDS = ("identity", "smooth")
+
+# Per-dataset defaults of the paper: the front end's jump c and the attack size eps.
+DEFAULT_JUMP = {"mnist": 0.5, "fashion_mnist": 0.2}
+DEFAULT_EPS = {"mnist": 0.3, "fashion_mnist": 0.1}
+# Direct quantization thresholds the pixels themselves; the reference used 0.2.
+DIRECT_QUANT_JUMP = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Hyperparameters of one training run.
+
+    Attributes:
+      dataset: "mnist" or "fashion_mnist".
+      model: "polarized" (front end + CNN), "baseline" (CNN on pixels) or
+        "direct_quant" (saturation on pixels + CNN).
+      jump: the saturation jump c; None picks the dataset (or direct_quant) default.
+      num_filters, kernel_size: the front end's filters (25 of 5x5).
+      backward: gradient of the saturation: "identity" (straight-through) or
+        "smooth" (derivative of a tanh surrogate with `steepness`).
+      steepness: slope s of the smooth surrogate.
+      sigma1, sigma2: widths of the B1 and B2 regularizers.
+      reg_max_weight: lambda at the end of its ramp in stages 1 and 2.
+      epochs_per_stage: epochs in each of the 3 stages (20 in the paper).
+      batch_size, lr: Adam's batch size and learning rate.
+      lr_decay_epoch: fraction of the schedule after which lr is divided by 10
+        (50 of 60 epochs in the paper).
+      seed: seeds weights and the per-epoch shuffling.
+      train_examples: use only the first N training images (0: all).
+      steps_per_execution: train steps per compiled call (a speed knob; same maths).
+      eps: default L-inf attack size of the dataset (used by evaluation).
+    """
+
+    dataset: str = "mnist"
+    model: str = "polarized"
+    jump: float | None = None
+    num_filters: int = 25
+    kernel_size: int = 5
+    backward: str = "identity"
+    steepness: float = 8.0
+    sigma1: float = 0.35
+    sigma2: float = 0.15
+    reg_max_weight: float = 1.0
+    epochs_per_stage: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_decay_epoch: float = 50 / 60
+    seed: int = 0
+    train_examples: int = 0
+    steps_per_execution: int = 1
+    eps: float | None = None
+
+    def __post_init__(self):
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("backward", self.backward, BACKWARDS)
+        if self.jump is None:
+            default = DIRECT_QUANT_JUMP if self.model == "direct_quant" else DEFAULT_JUMP[self.dataset]
+            object.__setattr__(self, "jump", default)
+        if self.eps is None:
+            object.__setattr__(self, "eps", DEFAULT_EPS[self.dataset])
+        _check_open_unit("jump", self.jump)
+        if not (isinstance(self.eps, (int, float)) and 0.0 <= self.eps <= 1.0):
+            raise ValueError(f"eps must be in [0, 1]. Received: eps={self.eps}")
+        for name in ("num_filters", "kernel_size", "epochs_per_stage", "batch_size", "steps_per_execution"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer. Received: {name}={value}")
+        if not (isinstance(self.train_examples, int) and self.train_examples >= 0):
+            raise ValueError(
+                f"train_examples must be >= 0 (0 means all). Received: train_examples={self.train_examples}"
+            )
+        for name in ("steepness", "sigma1", "sigma2", "lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number. Received: {name}={value}")
+        if not (math.isfinite(self.reg_max_weight) and self.reg_max_weight >= 0):
+            raise ValueError(f"reg_max_weight must be >= 0. Received: reg_max_weight={self.reg_max_weight}")
+        if not 0.0 < self.lr_decay_epoch <= 1.0:
+            raise ValueError(f"lr_decay_epoch must be in (0, 1]. Received: lr_decay_epoch={self.lr_decay_epoch}")
+
+    @property
+    def num_stages(self) -> int:
+        """Stages of the schedule: 3 for the polarized model, 1 for the others."""
+        return 3 if self.model == "polarized" else 1
+
+    @property
+    def total_epochs(self) -> int:
+        """Every model trains for the same number of epochs (3 stages' worth)."""
+        return 3 * self.epochs_per_stage
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"Unknown config keys: {unknown}")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {name}={value!r}")
+
+
+def _check_open_unit(name: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} must be in (0, 1). Received: {name}={value}")

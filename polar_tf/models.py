@@ -1,0 +1,98 @@
+"""One builder for every model of the paper, and access to the front end's outputs."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import keras
+import numpy as np
+
+from polar_tf.config import Config
+from polar_tf.frontend import PolarizingFrontEnd, Saturation
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+FRONTEND_NAME = "frontend"
+
+
+def _classifier_layers() -> list[keras.layers.Layer]:
+    """The 'standard post front-end CNN' of the paper; it outputs logits."""
+    return [
+        keras.layers.Conv2D(32, 5, padding="valid", name="conv1"),
+        keras.layers.MaxPooling2D(2, name="pool1"),
+        keras.layers.ReLU(name="relu1"),
+        keras.layers.Conv2D(64, 5, padding="valid", name="conv2"),
+        keras.layers.MaxPooling2D(2, name="pool2"),
+        keras.layers.ReLU(name="relu2"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(100, activation="relu", name="dense1"),
+        keras.layers.Dense(NUM_CLASSES, name="logits"),
+    ]
+
+
+def build_model(config: Config) -> keras.Model:
+    """Builds the model that `config.model` names.
+
+    - "polarized": PolarizingFrontEnd (named "frontend") + the classifier.
+    - "baseline": the classifier on the raw image (the undefended model).
+    - "direct_quant": the saturation applied to the pixels + the classifier.
+
+    Weights are drawn from Keras' global seed: call `keras.utils.set_random_seed` first.
+
+    Returns:
+      A functional `keras.Model` from images [N, 28, 28, 1] in [0, 1] to logits [N, 10].
+    """
+    inputs = keras.Input(IMAGE_SHAPE, name="image")
+    x = inputs
+    if config.model == "polarized":
+        x = PolarizingFrontEnd(
+            filters=config.num_filters,
+            kernel_size=config.kernel_size,
+            jump=config.jump,
+            backward=config.backward,
+            steepness=config.steepness,
+            sigma1=config.sigma1,
+            sigma2=config.sigma2,
+            name=FRONTEND_NAME,
+        )(x)
+    elif config.model == "direct_quant":
+        x = Saturation(config.jump, config.backward, config.steepness, name="quantize")(x)
+    for layer in _classifier_layers():
+        x = layer(x)
+    return keras.Model(inputs, x, name=config.model)
+
+
+def get_frontend(model: keras.Model) -> PolarizingFrontEnd | None:
+    """The model's polarizing front end, or None for models without one."""
+    for layer in model.layers:
+        if isinstance(layer, PolarizingFrontEnd):
+            return layer
+    return None
+
+
+def frontend_outputs(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> Iterator[np.ndarray]:
+    """Yields the front end's normalized outputs z, [batch, 28, 28, K], batch by batch.
+
+    Uses the layer's own `normalized`, the computation its `call` makes, so there is no second
+    code path. The model's input goes straight into the front end.
+    """
+    frontend = get_frontend(model)
+    if frontend is None:
+        raise ValueError(f"Model {model.name!r} has no polarizing front end.")
+    for start in range(0, len(x), batch_size):
+        yield keras.ops.convert_to_numpy(frontend.normalized(x[start : start + batch_size]))
+
+
+def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Predicted classes of `x`, with the model as it is (saturation switch included)."""
+    logits = model.predict(x, batch_size=batch_size, verbose=0)
+    return np.argmax(logits, axis=-1)
+
+
+def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Accuracy of the model as evaluated: with the front end's saturation on, always."""
+    frontend = get_frontend(model)
+    if frontend is None:
+        return float(np.mean(predict_labels(model, x, batch_size) == y))
+    with frontend.saturation(True):
+        return float(np.mean(predict_labels(model, x, batch_size) == y))

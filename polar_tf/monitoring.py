@@ -1,0 +1,86 @@
+"""What a user watches during training: TensorBoard events and front-end statistics.
+
+TensorFlow (for tf.summary) is imported here lazily; where it is absent, e.g. on a JAX-only
+machine, TensorBoard events are skipped with a warning and metrics.jsonl still records everything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from absl import logging
+
+from polar_tf import plots
+from polar_tf.frontend import PolarizingFrontEnd
+from polar_tf.models import frontend_outputs, get_frontend
+
+HISTOGRAM_BINS = 200
+
+
+def frontend_stats(model, x: np.ndarray, eps: float) -> dict[str, float]:
+    """Statistics of z on `x`: mean B1, mean B2, and the fraction within eps of a jump +-c.
+
+    The last is the fraction of outputs an L-inf attack of size eps could flip.
+    """
+    layer: PolarizingFrontEnd = get_frontend(model)
+    z = np.concatenate(list(frontend_outputs(model, x)))
+    scale1, scale2 = 2 * layer.sigma1**2, 2 * layer.sigma2**2
+    c = layer.jump
+    return {
+        "b1_mean": float(np.mean(np.exp(-(z**2) / scale1))),
+        "b2_mean": float(np.mean(np.exp(-((z - c) ** 2) / scale2) + np.exp(-((z + c) ** 2) / scale2))),
+        "frac_within_eps_of_jump": float(np.mean(np.abs(np.abs(z) - c) <= eps)),
+    }
+
+
+def frontend_histogram(model, x: np.ndarray, bins: int = HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of z over all of `x` on [-1, 1], accumulated batch by batch (bounded memory)."""
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    counts = np.zeros(bins, dtype=np.int64)
+    for z in frontend_outputs(model, x):
+        counts += np.histogram(np.clip(z, -1.0, 1.0), bins=edges)[0]
+    return counts, edges
+
+
+class TensorBoard:
+    """Writes scalars, histograms and images to a TensorBoard log folder."""
+
+    def __init__(self, logdir: str):
+        try:
+            import tensorflow as tf  # Lazy: absent on JAX-only machines.
+        except ImportError:
+            logging.warning("TensorFlow is not installed: no TensorBoard events in %s", logdir)
+            self._tf = self._writer = None
+            return
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(logdir)
+
+    def write(
+        self,
+        step: int,
+        scalars: dict[str, Any],
+        histograms: dict[str, np.ndarray] | None = None,
+        images: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        if self._writer is None:
+            return
+        summary = self._tf.summary
+        with self._writer.as_default(step=step):
+            for name, value in scalars.items():
+                summary.scalar(name, float(value))
+            for name, values in (histograms or {}).items():
+                summary.histogram(name, values, buckets=HISTOGRAM_BINS // 2)
+            for name, image in (images or {}).items():
+                summary.image(name, image[None].astype(np.float32))
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def frontend_images(model) -> dict[str, np.ndarray]:
+    layer = get_frontend(model)
+    return {"frontend/filters": plots.filters_grid(keras.ops.convert_to_numpy(layer.kernel))}

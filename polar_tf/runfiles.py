@@ -1,0 +1,126 @@
+"""Files of a run's workdir: config, metrics, checkpoints; every write is atomic.
+
+A workdir holds
+  config.json           the Config of the run, written before training starts
+  metrics.jsonl         one JSON line per epoch
+  stage{1,2,3}.keras    the polarized model after each stage (model.keras for one-stage models)
+  tb/                   TensorBoard events
+  plots/                PNG figures written at the end of each stage
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any, Callable
+
+import keras
+
+from polar_tf import frontend  # noqa: F401  (registers the custom layers for loading)
+from polar_tf.config import Config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or not a polar_tf model."""
+
+
+def checkpoint_path(workdir: str, config: Config, stage: int) -> str:
+    """Where `stage`'s checkpoint lives: stage{N}.keras, or model.keras for one-stage models."""
+    name = f"stage{stage}.keras" if config.num_stages > 1 else "model.keras"
+    return os.path.join(workdir, name)
+
+
+def final_checkpoint(workdir: str) -> str:
+    """The fully trained model of a workdir (the last stage's checkpoint)."""
+    config = read_config(workdir)
+    return checkpoint_path(workdir, config, config.num_stages)
+
+
+def _atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared.
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(model: keras.Model, path: str) -> None:
+    """Saves a `.keras` file atomically: a kill never leaves a truncated checkpoint."""
+    _atomic_write(path, model.save, suffix=".keras")
+
+
+def load_model(path: str, compile: bool = True) -> keras.Model:
+    """Loads a `.keras` checkpoint, with a one-line error for missing or unreadable files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a .keras file (truncated or foreign)")
+    try:
+        return keras.models.load_model(path, compile=compile)
+    except Exception as e:  # Keras raises many types for foreign or damaged archives.
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {first_line}") from None
+
+
+def read_config(workdir: str) -> Config:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist: not a polar_tf workdir")
+    with open(path) as f:
+        return Config.from_dict(json.load(f))
+
+
+def write_config(workdir: str, config: Config) -> None:
+    """Writes config.json; refuses a workdir that holds a run with another config."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.isfile(path):
+        existing = read_config(workdir)
+        if existing != config:
+            changed = sorted(k for k, v in config.to_dict().items() if existing.to_dict()[k] != v)
+            raise ValueError(
+                f"{workdir} holds a run with another config (differs in {', '.join(changed)}); "
+                "pass the same flags or another --workdir"
+            )
+        return
+    write_json(path, config.to_dict())
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON line per epoch; re-running a stage replaces that stage's lines."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> list[dict[str, Any]]:
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_from(self, epoch: int) -> None:
+        kept = [r for r in self.read() if r["epoch"] < epoch]
+        write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*self.read(), record]))

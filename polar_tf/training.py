@@ -1,0 +1,204 @@
+"""Staged training: `train_and_evaluate(config, workdir, stage)` is what train.py calls.
+
+Each epoch is one `model.fit` call on that epoch's permutation of the training set, so the
+schedule's switches (saturation, regularizer kind and weight, learning rate) are plain variable
+assignments between epochs, the data order depends only on (seed, epoch), and a stage run from
+its predecessor's checkpoint trains exactly as it would inside a full run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import keras
+import numpy as np
+from absl import logging
+
+from polar_tf import data, models, monitoring, plots, runfiles, schedule
+from polar_tf.config import Config
+
+MONITOR_EXAMPLES = 1000  # the fixed batch of training images whose z TensorBoard shows
+TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
+
+
+def parse_stages(config: Config, stage: str) -> list[int]:
+    """'all' or a stage number, as a list of stages to run."""
+    if stage == "all":
+        return list(range(1, config.num_stages + 1))
+    if stage not in {str(s) for s in range(1, config.num_stages + 1)}:
+        choices = "all" if config.num_stages == 1 else "1, 2, 3 or all"
+        raise ValueError(f"--stage must be {choices} for model {config.model!r}. Received: stage={stage!r}")
+    return [int(stage)]
+
+
+def _optimizer(model: keras.Model, config: Config, previous: keras.optimizers.Optimizer | None):
+    """A fresh Adam built on the model's current trainable variables, carrying over the slot
+    variables and iteration count of `previous` where a variable is still trainable.
+
+    This is how a layer is frozen between stages on both backends: Keras' optimizers cannot
+    drop a variable once built, and Adam keeps moving a variable with zero gradient.
+    """
+    optimizer = keras.optimizers.Adam(learning_rate=config.lr)
+    optimizer.build(model.trainable_variables)
+    if previous is not None:
+        old = {v.name: v for v in previous.variables}
+        for v in optimizer.variables:
+            if v.name != "learning_rate" and v.name in old and tuple(old[v.name].shape) == tuple(v.shape):
+                v.assign(old[v.name])
+    return optimizer
+
+
+def _previous_checkpoint(config: Config, workdir: str, stage: int) -> str:
+    path = runfiles.checkpoint_path(workdir, config, stage - 1)
+    if not os.path.isfile(path):
+        raise runfiles.CheckpointError(
+            f"--stage={stage} needs the stage-{stage - 1} checkpoint {path}, which does not exist; "
+            f"run --stage={stage - 1} first"
+        )
+    return path
+
+
+def prepare_stage(config: Config, workdir: str, stage: int) -> keras.Model:
+    """The compiled model at the start of `stage`: built (stage 1) or loaded from stage-1's
+    checkpoint, with the front end frozen or not as the schedule says."""
+    if stage == 1:
+        keras.utils.set_random_seed(config.seed)
+        model = models.build_model(config)
+        previous = None
+    else:
+        model = runfiles.load_model(_previous_checkpoint(config, workdir, stage))
+        previous = model.optimizer
+    first = schedule.phase(config, schedule.stage_epochs(config, stage)[0])
+    frontend = models.get_frontend(model)
+    if frontend is not None:
+        frontend.trainable = first.frontend_trainable
+    model.compile(
+        optimizer=_optimizer(model, config, previous),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        steps_per_execution=config.steps_per_execution,
+    )
+    return model
+
+
+def apply_phase(model: keras.Model, phase: schedule.Phase) -> None:
+    """Sets the schedule's switches for one epoch; takes effect in the compiled step at once."""
+    frontend = models.get_frontend(model)
+    if frontend is not None:
+        frontend.set_saturation(phase.saturate)
+        frontend.set_regularizer(phase.regularizer, phase.reg_weight)
+    model.optimizer.learning_rate.assign(phase.lr)
+
+
+def epoch_permutation(config: Config, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([config.seed, epoch]).permutation(n)
+
+
+def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray, verbose: int = 0) -> dict:
+    """One epoch of the schedule. Returns fit's loss and accuracy, wall time and images/s."""
+    phase = schedule.phase(config, epoch)
+    apply_phase(model, phase)
+    order = epoch_permutation(config, epoch, len(x))
+    x_epoch, y_epoch = x[order], y[order]
+    start = time.perf_counter()
+    history = model.fit(
+        x_epoch,
+        y_epoch,
+        batch_size=config.batch_size,
+        epochs=epoch + 1,
+        initial_epoch=epoch,
+        shuffle=False,
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - start
+    return {
+        "epoch": epoch,
+        "stage": phase.stage,
+        "lr": phase.lr,
+        "regularizer": phase.regularizer,
+        "reg_weight": phase.reg_weight,
+        "saturate": phase.saturate,
+        "loss": float(history.history["loss"][-1]),
+        "fit_accuracy": float(history.history["accuracy"][-1]),
+        "epoch_seconds": seconds,
+        "images_per_second": len(x) / seconds,
+    }
+
+
+def _epoch_report(model, config: Config, record: dict, train, test, tensorboard) -> dict[str, Any]:
+    """Adds the saturated model's accuracies and the front end's statistics; writes TensorBoard."""
+    (x_train, y_train), (x_test, y_test) = train, test
+    record["train_accuracy"] = models.accuracy(model, x_train[:TRAIN_EVAL_EXAMPLES], y_train[:TRAIN_EVAL_EXAMPLES])
+    record["test_accuracy"] = models.accuracy(model, x_test, y_test)
+    histograms, images = {}, {}
+    if models.get_frontend(model) is not None:
+        monitor = x_train[:MONITOR_EXAMPLES]
+        stats = monitoring.frontend_stats(model, monitor, config.eps)
+        b_mean = {"b1": stats["b1_mean"], "b2": stats["b2_mean"]}.get(record["regularizer"], 0.0)
+        record.update(stats, reg_loss=record["reg_weight"] * b_mean)
+        histograms["frontend/z"] = np.concatenate(list(models.frontend_outputs(model, monitor))).ravel()
+        images = monitoring.frontend_images(model)
+    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
+    tensorboard.write(record["epoch"], scalars, histograms, images)
+    return record
+
+
+def _stage_plots(model, config: Config, workdir: str, stage: int, x_train: np.ndarray) -> None:
+    frontend = models.get_frontend(model)
+    if frontend is None:
+        return
+    folder = os.path.join(workdir, "plots")
+    kernel = keras.ops.convert_to_numpy(frontend.kernel)
+    plots.plot_filters(kernel, os.path.join(folder, f"stage{stage}_filters.png"), f"{config.dataset}: filters after stage {stage}")
+    counts, edges = monitoring.frontend_histogram(model, x_train)
+    plots.plot_histogram(
+        counts, edges, frontend.jump, os.path.join(folder, f"stage{stage}_histogram.png"),
+        f"{config.dataset}: z over {len(x_train)} training images after stage {stage}",
+    )
+
+
+def train_and_evaluate(
+    config: Config, workdir: str, stage: str = "all", data_dir: str | None = None, verbose: int = 0
+) -> keras.Model:
+    """Runs the schedule's `stage` ("1", "2", "3" or "all") and writes everything into workdir.
+
+    Args:
+      config: the run's hyperparameters.
+      workdir: where config.json, metrics.jsonl, checkpoints, TensorBoard events and plots go.
+      stage: which stage(s) to run; stage N > 1 starts from stage N-1's checkpoint in workdir.
+      data_dir: folder of IDX files (see `polar_tf.data.load`).
+      verbose: Keras' progress output for fit (0 silent, 1 progress bar, 2 one line).
+
+    Returns:
+      The model after the last stage run.
+    """
+    stages = parse_stages(config, stage)
+    if stages[0] > 1:
+        _previous_checkpoint(config, workdir, stages[0])  # Fail before loading any data.
+    train, test = data.load_dataset(config.dataset, data_dir, config.train_examples)
+    runfiles.write_config(workdir, config)
+    metrics = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    tensorboard = monitoring.TensorBoard(os.path.join(workdir, "tb"))
+    logging.info("Training %s on %s (%d images) in %s, backend %s", config.model, config.dataset,
+                 len(train[0]), workdir, keras.backend.backend())
+    try:
+        for s in stages:
+            model = prepare_stage(config, workdir, s)
+            epochs = schedule.stage_epochs(config, s)
+            metrics.truncate_from(epochs[0])
+            for epoch in epochs:
+                record = train_epoch(model, config, epoch, *train, verbose=verbose)
+                record = _epoch_report(model, config, record, train, test, tensorboard)
+                metrics.append(record)
+                logging.info(
+                    "epoch %d stage %d: loss %.4f, train acc %.4f, test acc %.4f (saturated), %.0f img/s",
+                    epoch, s, record["loss"], record["train_accuracy"], record["test_accuracy"],
+                    record["images_per_second"],
+                )
+            runfiles.save_model(model, runfiles.checkpoint_path(workdir, config, s))
+            _stage_plots(model, config, workdir, s, train[0])
+    finally:
+        tensorboard.close()
+    return model

@@ -1,0 +1,57 @@
+r"""Trains a model of the paper with the staged schedule.
+
+  python train.py --dataset=mnist                   # all 3 stages, 60 epochs
+  python train.py --dataset=mnist --stage=2         # stage 2 from the stage-1 checkpoint
+  python train.py --dataset=fashion_mnist --epochs_per_stage=1 --train_examples=5000
+"""
+
+from absl import app, flags
+
+from polar_tf import cli, training
+from polar_tf.config import BACKWARDS, MODELS, Config
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    cli.define_data_flags()
+    flags.DEFINE_enum("model", "polarized", list(MODELS), "Which model to train.")
+    flags.DEFINE_enum("stage", "all", ["1", "2", "3", "all"], "Stage to run; N > 1 starts from stage N-1's checkpoint.")
+    flags.DEFINE_string("workdir", None, "Run folder (default: runs/<dataset>_<model>).")
+    flags.DEFINE_integer("epochs_per_stage", 20, "Epochs per stage (3 stages).")
+    flags.DEFINE_integer("batch_size", 64, "Batch size.")
+    flags.DEFINE_float("lr", 1e-3, "Adam learning rate (divided by 10 for the last sixth of training).")
+    flags.DEFINE_float("jump", None, "Saturation jump c (default 0.5 MNIST, 0.2 Fashion-MNIST; 0.2 direct_quant).")
+    flags.DEFINE_enum("backward", "identity", list(BACKWARDS), "Gradient of the saturation.")
+    flags.DEFINE_float("steepness", 8.0, "Steepness of the smooth backward pass.")
+    flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0: all).")
+    flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
+    flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
+
+
+def main(argv):
+    del argv
+
+    def body():
+        config = Config(
+            dataset=FLAGS.dataset,
+            model=FLAGS.model,
+            jump=FLAGS.jump,
+            backward=FLAGS.backward,
+            steepness=FLAGS.steepness,
+            epochs_per_stage=FLAGS.epochs_per_stage,
+            batch_size=FLAGS.batch_size,
+            lr=FLAGS.lr,
+            seed=FLAGS.seed,
+            train_examples=FLAGS.train_examples,
+            steps_per_execution=FLAGS.steps_per_execution,
+        )
+        workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}"
+        training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)
+
+    cli.run_main("train.py", body)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
