@@ -1,0 +1,41 @@
+"""Shared fixtures. Data come from $POLAR_TF_DATA_DIR (CI points it at ../shared/data)."""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+if "POLAR_TF_DATA_DIR" not in os.environ and os.path.isdir(_SHARED_DATA):
+    os.environ["POLAR_TF_DATA_DIR"] = os.path.abspath(_SHARED_DATA)
+
+
+def write_idx(path: str, array: np.ndarray, magic: int, compress: bool = False) -> None:
+    """Writes a uint8 array as an IDX file (the format of MNIST's distribution files)."""
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(payload) if compress else payload)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from polar_tf import data
+
+    return data.load_dataset("mnist")
+
+
+@pytest.fixture(scope="session")
+def mnist_subset_dir(tmp_path_factory, mnist):
+    """A data folder with the first 320 MNIST training and 200 test images, as raw IDX files."""
+    folder = tmp_path_factory.mktemp("data") / "mnist"
+    folder.mkdir()
+    (x_train, y_train), (x_test, y_test) = mnist
+    for split, x, y, n in (("train", x_train, y_train, 320), ("t10k", x_test, y_test, 200)):
+        pixels = np.round(x[:n, :, :, 0] * 255).astype(np.uint8)
+        write_idx(str(folder / f"{split}-images-idx3-ubyte"), pixels, 0x803)
+        write_idx(str(folder / f"{split}-labels-idx1-ubyte"), y[:n].astype(np.uint8), 0x801)
+    return str(folder.parent)

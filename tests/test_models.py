@@ -1,0 +1,90 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from polar_tf import models, runfiles
+from polar_tf.config import Config
+from polar_tf.frontend import PolarizingFrontEnd, Saturation
+
+
+@pytest.mark.parametrize(
+    "name, first_layer, params",
+    [
+        # 5*5*25 front end + (5*5*25*32 + 32) + (5*5*32*64 + 64) + (1024*100 + 100) + (100*10 + 10)
+        ("polarized", PolarizingFrontEnd, 625 + 20032 + 51264 + 102500 + 1010),
+        ("baseline", keras.layers.Conv2D, 832 + 51264 + 102500 + 1010),
+        ("direct_quant", Saturation, 832 + 51264 + 102500 + 1010),
+    ],
+)
+def test_architecture(name, first_layer, params):
+    keras.utils.set_random_seed(0)
+    model = models.build_model(Config(model=name))
+    assert isinstance(model.layers[1], first_layer)
+    assert model.count_params() == params + (3 if name == "polarized" else 0)  # + the 3 switches
+    assert model.output_shape == (None, 10)
+    assert model(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
+
+
+def test_front_end_init_is_he_uniform():
+    keras.utils.set_random_seed(0)
+    kernel = ops.convert_to_numpy(models.get_frontend(models.build_model(Config())).kernel)
+    assert kernel.shape == (5, 5, 1, 25)
+    limit = np.sqrt(6 / 25)
+    assert np.abs(kernel).max() <= limit and np.abs(kernel).max() > 0.9 * limit
+    assert kernel.std() == pytest.approx(limit / np.sqrt(3), rel=0.1)
+
+
+def test_frontend_outputs_are_the_layers_normalized_outputs():
+    keras.utils.set_random_seed(1)
+    model = models.build_model(Config())
+    x = np.random.default_rng(0).random((5, 28, 28, 1), dtype=np.float32)
+    batches = list(models.frontend_outputs(model, x, batch_size=2))
+    assert [b.shape for b in batches] == [(2, 28, 28, 25), (2, 28, 28, 25), (1, 28, 28, 25)]
+    z = np.concatenate(batches)
+    frontend = models.get_frontend(model)
+    probe = keras.Model(model.inputs, frontend.output)  # the unsaturated front end inside the model
+    np.testing.assert_allclose(z, probe.predict(x, verbose=0), atol=1e-6)
+    assert np.abs(z).max() <= 1.0
+    with pytest.raises(ValueError, match="has no polarizing front end"):
+        next(models.frontend_outputs(models.build_model(Config(model="baseline")), x))
+
+
+def test_accuracy_always_uses_the_saturated_model():
+    keras.utils.set_random_seed(2)
+    model = models.build_model(Config())
+    frontend = models.get_frontend(model)
+    x = np.random.default_rng(0).random((64, 28, 28, 1), dtype=np.float32)
+    with frontend.saturation(True):
+        expected = np.argmax(ops.convert_to_numpy(model(x)), axis=-1)
+    y = expected.copy()
+    y[:16] = (y[:16] + 1) % 10
+    assert models.accuracy(model, x, y) == 0.75
+    assert not frontend.saturating
+
+
+@pytest.mark.parametrize("name", ["polarized", "baseline", "direct_quant"])
+def test_keras_save_load_gives_identical_outputs(tmp_path, name):
+    keras.utils.set_random_seed(3)
+    model = models.build_model(Config(model=name))
+    frontend = models.get_frontend(model)
+    if frontend is not None:
+        frontend.set_saturation(True)
+        frontend.set_regularizer("b2", 0.3)
+    path = str(tmp_path / "m.keras")
+    runfiles.save_model(model, path)
+    loaded = runfiles.load_model(path)
+    x = np.random.default_rng(1).random((8, 28, 28, 1), dtype=np.float32)
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)))
+    if frontend is not None:
+        restored = models.get_frontend(loaded)
+        assert (restored.saturating, restored.regularizer, restored.reg_weight) == (True, "b2", pytest.approx(0.3))
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(runfiles.CheckpointError, match="does not exist"):
+        runfiles.load_model(str(tmp_path / "missing.keras"))
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip file")
+    with pytest.raises(runfiles.CheckpointError, match="not a .keras file"):
+        runfiles.load_model(str(bad))

@@ -1,0 +1,134 @@
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from polar_tf import models, runfiles, training
+from polar_tf.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_py(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        capture_output=True, text=True, cwd=ROOT, **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, mnist_subset_dir):
+    """train.py end to end: 3 stages of 1 epoch on 320 real MNIST images."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    result = _train_py(
+        f"--workdir={workdir}", f"--data_dir={mnist_subset_dir}", "--epochs_per_stage=1", "--verbose=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
+    for name in ("stage1.keras", "stage2.keras", "stage3.keras", "config.json", "metrics.jsonl"):
+        assert os.path.isfile(os.path.join(smoke_run, name)), name
+    config = runfiles.read_config(smoke_run)
+    assert (config.dataset, config.model, config.epochs_per_stage, config.jump) == ("mnist", "polarized", 1, 0.5)
+    records = runfiles.MetricsLog(os.path.join(smoke_run, "metrics.jsonl")).read()
+    assert [(r["epoch"], r["stage"], r["regularizer"], r["saturate"]) for r in records] == [
+        (0, 1, "b1", False), (1, 2, "b2", False), (2, 3, "none", True),
+    ]
+    for r in records:
+        assert {"loss", "reg_loss", "train_accuracy", "test_accuracy", "b1_mean", "b2_mean"} <= set(r)
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["loss"])
+    for stage in (1, 2, 3):
+        for kind in ("filters", "histogram"):
+            path = os.path.join(smoke_run, "plots", f"stage{stage}_{kind}.png")
+            with open(path, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_final_model_saturates_and_matches_recorded_accuracy(smoke_run, mnist_subset_dir):
+    from polar_tf import data
+
+    model = runfiles.load_model(runfiles.final_checkpoint(smoke_run))
+    assert models.get_frontend(model).saturating
+    x_test, y_test = data.load("mnist", "test", mnist_subset_dir)
+    outputs = ops.convert_to_numpy(models.get_frontend(model)(x_test[:4]))
+    assert set(np.unique(outputs)) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
+    last = runfiles.MetricsLog(os.path.join(smoke_run, "metrics.jsonl")).read()[-1]
+    assert models.accuracy(model, x_test, y_test) == pytest.approx(last["test_accuracy"], abs=1e-9)
+
+
+def test_tensorboard_events_have_scalars_histogram_and_filters(smoke_run):
+    pytest.importorskip("tensorflow")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = os.path.join(smoke_run, "tb")
+    (event_file,) = [f for f in os.listdir(tb) if f.startswith("events.out.tfevents")]
+    events = EventAccumulator(os.path.join(tb, event_file), size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"loss", "test_accuracy", "train_accuracy", "reg_loss", "b2_mean", "frontend/z", "frontend/filters"} <= tags
+    assert [e.step for e in events.Tensors("frontend/z")] == [0, 1, 2]
+    histogram = events.Tensors("frontend/z")[0].tensor_proto
+    assert [d.size for d in histogram.tensor_shape.dim] == [100, 3]  # buckets x (left, right, count)
+
+
+def test_stage_2_without_stage_1_checkpoint_is_a_one_line_error(tmp_path, mnist_subset_dir):
+    result = _train_py(f"--workdir={tmp_path}", f"--data_dir={mnist_subset_dir}", "--stage=2")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: --stage=2 needs the stage-1 checkpoint {tmp_path}/stage1.keras, which does not exist; "
+        "run --stage=1 first"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_is_a_one_line_error(tmp_path):
+    result = _train_py(f"--workdir={tmp_path}", "--jump=1.5")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "train.py: error: jump must be in (0, 1). Received: jump=1.5"
+
+
+def test_stage_3_freezes_front_end_and_carries_optimizer_state(tmp_path, mnist_subset_dir):
+    config = Config(epochs_per_stage=1, train_examples=128)
+    workdir = str(tmp_path)
+    training.train_and_evaluate(config, workdir, "1", mnist_subset_dir)
+    training.train_and_evaluate(config, workdir, "2", mnist_subset_dir)
+    stage2 = runfiles.load_model(os.path.join(workdir, "stage2.keras"))
+    model = training.prepare_stage(config, workdir, 3)
+    assert not models.get_frontend(model).trainable
+    names = {v.name for v in model.optimizer.variables}
+    assert "frontend_kernel_momentum" not in names and "conv1_kernel_momentum" in names
+    old = {v.name: ops.convert_to_numpy(v) for v in stage2.optimizer.variables}
+    for v in model.optimizer.variables:
+        if v.name != "learning_rate":
+            np.testing.assert_array_equal(ops.convert_to_numpy(v), old[v.name])
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 4  # 2 epochs x 2 batches of 64
+    final = training.train_and_evaluate(config, workdir, "3", mnist_subset_dir)
+    frozen_before = ops.convert_to_numpy(models.get_frontend(stage2).kernel)
+    np.testing.assert_array_equal(ops.convert_to_numpy(models.get_frontend(final).kernel), frozen_before)
+    assert not np.array_equal(
+        ops.convert_to_numpy(final.get_layer("conv1").kernel), ops.convert_to_numpy(stage2.get_layer("conv1").kernel)
+    )
+
+
+def test_workdir_with_another_config_is_refused(tmp_path, mnist_subset_dir):
+    runfiles.write_config(str(tmp_path), Config(epochs_per_stage=1))
+    with pytest.raises(ValueError, match="differs in epochs_per_stage"):
+        training.train_and_evaluate(Config(epochs_per_stage=2), str(tmp_path), "all", mnist_subset_dir)
+
+
+@pytest.mark.parametrize("model", ["baseline", "direct_quant"])
+def test_one_stage_models_train(tmp_path, mnist_subset_dir, model):
+    config = Config(model=model, epochs_per_stage=1, train_examples=128)
+    trained = training.train_and_evaluate(config, str(tmp_path), "all", mnist_subset_dir)
+    assert os.path.isfile(os.path.join(tmp_path, "model.keras"))
+    records = runfiles.MetricsLog(os.path.join(tmp_path, "metrics.jsonl")).read()
+    assert [r["epoch"] for r in records] == [0, 1, 2] and trained.name == model
+    with pytest.raises(ValueError, match="--stage must be all for model"):
+        training.parse_stages(config, "2")
