@@ -48,6 +48,7 @@ class Config:
       seed: seeds weights and the per-epoch shuffling.
       train_examples: use only the first N training images (0: all).
       steps_per_execution: train steps per compiled call (a speed knob; same maths).
+      jit_compile: Keras' XLA switch for the train step ("auto", True or False; speed only).
       eps: default L-inf attack size of the dataset (used by evaluation).
     """
 
@@ -68,6 +69,7 @@ class Config:
     seed: int = 0
     train_examples: int = 0
     steps_per_execution: int = 1
+    jit_compile: str | bool = "auto"
     eps: float | None = None
 
     def __post_init__(self):

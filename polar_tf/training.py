@@ -70,6 +70,15 @@ def prepare_stage(config: Config, workdir: str, stage: int) -> keras.Model:
     else:
         model = runfiles.load_model(_previous_checkpoint(config, workdir, stage))
         previous = model.optimizer
+    compile_for_stage(model, config, stage, previous)
+    return model
+
+
+def compile_for_stage(
+    model: keras.Model, config: Config, stage: int, previous: keras.optimizers.Optimizer | None = None
+) -> None:
+    """Freezes or unfreezes the front end as `stage` requires and compiles the model with an
+    Adam that carries over `previous`'s state."""
     first = schedule.phase(config, schedule.stage_epochs(config, stage)[0])
     frontend = models.get_frontend(model)
     if frontend is not None:
@@ -79,8 +88,8 @@ def prepare_stage(config: Config, workdir: str, stage: int) -> keras.Model:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=config.steps_per_execution,
+        jit_compile=config.jit_compile,
     )
-    return model
 
 
 def apply_phase(model: keras.Model, phase: schedule.Phase) -> None:

@@ -205,3 +205,16 @@ def test_direct_quantization_layer_thresholds_pixels():
     assert Saturation.from_config(layer.get_config()).get_config() == layer.get_config()
     with pytest.raises(ValueError, match="Received: jump=1.5"):
         Saturation(jump=1.5)
+
+
+def test_layer_barrier_is_the_active_regularizer():
+    layer = _layer()
+    z = np.linspace(-1, 1, 41, dtype=np.float32)
+    layer.set_regularizer("b1", 1.0)
+    np.testing.assert_allclose(ops.convert_to_numpy(layer.barrier(z)), ops.convert_to_numpy(barrier_b1(z, 0.35)), rtol=1e-6)
+    layer.set_regularizer("b2", 1.0)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(layer.barrier(z)), ops.convert_to_numpy(barrier_b2(z, 0.5, 0.15)), rtol=1e-6, atol=1e-30
+    )
+    layer.set_regularizer("none", 1.0)
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.barrier(z)), np.zeros_like(z))

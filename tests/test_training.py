@@ -76,6 +76,8 @@ def test_tensorboard_events_have_scalars_histogram_and_filters(smoke_run):
     assert [e.step for e in events.Tensors("frontend/z")] == [0, 1, 2]
     histogram = events.Tensors("frontend/z")[0].tensor_proto
     assert [d.size for d in histogram.tensor_shape.dim] == [100, 3]  # buckets x (left, right, count)
+    assert events.SummaryMetadata("frontend/z").plugin_data.plugin_name == "histograms"
+    assert events.SummaryMetadata("frontend/filters").plugin_data.plugin_name == "images"
 
 
 def test_stage_2_without_stage_1_checkpoint_is_a_one_line_error(tmp_path, mnist_subset_dir):
