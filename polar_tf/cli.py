@@ -17,8 +17,9 @@ def define_data_flags() -> None:
 
 
 def run_main(program: str, body: Callable[[], None]) -> None:
-    """Runs `body`; user errors (bad values, missing or damaged files) exit 1 with one line."""
+    """Runs `body`; user errors (bad values, missing or damaged files, a diverging loss) exit 1
+    with one line."""
     try:
         body()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ArithmeticError) as e:
         sys.exit(f"{program}: error: {e}")

@@ -4,6 +4,7 @@ A workdir holds
   config.json           the Config of the run, written before training starts
   metrics.jsonl         one JSON line per epoch
   stage{1,2,3}.keras    the polarized model after each stage (model.keras for one-stage models)
+  checkpoints/          model + optimizer after the latest epoch (epoch_NNNN.keras), for resuming
   tb/                   TensorBoard events
   plots/                PNG figures written at the end of each stage
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 from typing import Any, Callable
@@ -36,6 +38,38 @@ def final_checkpoint(workdir: str) -> str:
     """The fully trained model of a workdir (the last stage's checkpoint)."""
     config = read_config(workdir)
     return checkpoint_path(workdir, config, config.num_stages)
+
+
+def save_epoch_checkpoint(model: keras.Model, workdir: str, epoch: int) -> str:
+    """Saves checkpoints/epoch_NNNN.keras atomically, then removes older epoch checkpoints."""
+    folder = os.path.join(workdir, "checkpoints")
+    path = os.path.join(folder, f"epoch_{epoch:04d}.keras")
+    save_model(model, path)
+    for name in os.listdir(folder):
+        if _EPOCH_FILE.fullmatch(name) and name != os.path.basename(path):
+            os.remove(os.path.join(folder, name))
+    return path
+
+
+def latest_epoch_checkpoint(workdir: str) -> tuple[int, str] | None:
+    """(epoch, path) of the newest epoch checkpoint, or None."""
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := _EPOCH_FILE.fullmatch(name))]
+    return max(found) if found else None
+
+
+_EPOCH_FILE = re.compile(r"epoch_(\d{4})\.keras")
+
+
+def remove_stale_temporaries(workdir: str) -> None:
+    """Removes temporary files that a killed process left behind (never a finished file)."""
+    for folder, _, files in os.walk(workdir):
+        for name in files:
+            if name.startswith(".") and ".tmp" in name:
+                os.remove(os.path.join(folder, name))
 
 
 def _atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:

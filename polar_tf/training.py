@@ -120,8 +120,14 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
         initial_epoch=epoch,
         shuffle=False,
         verbose=verbose,
+        callbacks=[stop := _StopOnNaN()],
     )
     seconds = time.perf_counter() - start
+    if stop.bad_step is not None:
+        raise FloatingPointError(
+            f"the loss became {history.history['loss'][-1]} at epoch {epoch}, batch {stop.bad_step}; "
+            "the checkpoints of earlier epochs are kept"
+        )
     return {
         "epoch": epoch,
         "stage": phase.stage,
@@ -168,10 +174,45 @@ def _stage_plots(model, config: Config, workdir: str, stage: int, x_train: np.nd
     )
 
 
+def _resume(config: Config, workdir: str, stage: int) -> tuple[keras.Model | None, int | None]:
+    """Where to pick `stage` up after an interruption.
+
+    Returns (None, None) when the stage is already complete, (model, first epoch to train) when
+    an epoch checkpoint lies inside the stage, and (None, first epoch of the stage) otherwise.
+    """
+    epochs = schedule.stage_epochs(config, stage)
+    latest = runfiles.latest_epoch_checkpoint(workdir)
+    if latest is not None and latest[0] >= epochs[-1] and os.path.isfile(runfiles.checkpoint_path(workdir, config, stage)):
+        return None, None
+    if latest is not None and epochs[0] <= latest[0] <= epochs[-1]:
+        model = runfiles.load_model(latest[1])
+        compile_for_stage(model, config, stage, model.optimizer)
+        return model, latest[0] + 1
+    return None, epochs[0]
+
+
+class _StopOnNaN(keras.callbacks.Callback):
+    """Stops fit at the first batch whose loss is not finite and remembers which one."""
+
+    def __init__(self):
+        super().__init__()
+        self.bad_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and not np.isfinite(float(logs["loss"])):
+            self.bad_step = batch
+            self.model.stop_training = True
+
+
 def train_and_evaluate(
     config: Config, workdir: str, stage: str = "all", data_dir: str | None = None, verbose: int = 0
-) -> keras.Model:
+) -> keras.Model | None:
     """Runs the schedule's `stage` ("1", "2", "3" or "all") and writes everything into workdir.
+
+    After every epoch the model and optimizer are saved to workdir/checkpoints/, so the same call
+    after an interruption resumes from the last completed epoch (and a completed stage is not
+    trained again); since data order depends only on (seed, epoch), it ends where an
+    uninterrupted run would.
 
     Args:
       config: the run's hyperparameters.
@@ -181,26 +222,36 @@ def train_and_evaluate(
       verbose: Keras' progress output for fit (0 silent, 1 progress bar, 2 one line).
 
     Returns:
-      The model after the last stage run.
+      The model after the last stage run (loaded from its checkpoint if already complete).
     """
     stages = parse_stages(config, stage)
     if stages[0] > 1:
         _previous_checkpoint(config, workdir, stages[0])  # Fail before loading any data.
     train, test = data.load_dataset(config.dataset, data_dir, config.train_examples)
     runfiles.write_config(workdir, config)
+    runfiles.remove_stale_temporaries(workdir)
     metrics = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     tensorboard = monitoring.TensorBoard(os.path.join(workdir, "tb"))
     logging.info("Training %s on %s (%d images) in %s, backend %s", config.model, config.dataset,
                  len(train[0]), workdir, keras.backend.backend())
+    model = None
     try:
         for s in stages:
-            model = prepare_stage(config, workdir, s)
-            epochs = schedule.stage_epochs(config, s)
-            metrics.truncate_from(epochs[0])
-            for epoch in epochs:
+            model, first = _resume(config, workdir, s)
+            if first is None:
+                logging.info("Stage %d is already complete in %s; skipping it", s, workdir)
+                model = None
+                continue
+            if model is None:
+                model = prepare_stage(config, workdir, s)
+            else:
+                logging.info("Resuming stage %d at epoch %d", s, first)
+            metrics.truncate_from(first)
+            for epoch in range(first, schedule.stage_epochs(config, s).stop):
                 record = train_epoch(model, config, epoch, *train, verbose=verbose)
                 record = _epoch_report(model, config, record, train, test, tensorboard)
                 metrics.append(record)
+                runfiles.save_epoch_checkpoint(model, workdir, epoch)
                 logging.info(
                     "epoch %d stage %d: loss %.4f, train acc %.4f, test acc %.4f (saturated), %.0f img/s",
                     epoch, s, record["loss"], record["train_accuracy"], record["test_accuracy"],
@@ -210,4 +261,6 @@ def train_and_evaluate(
             _stage_plots(model, config, workdir, s, train[0])
     finally:
         tensorboard.close()
+    if model is None:
+        model = runfiles.load_model(runfiles.checkpoint_path(workdir, config, stages[-1]))
     return model
