@@ -26,6 +26,7 @@ def define_flags() -> None:
     flags.DEFINE_float("steepness", 8.0, "Steepness of the smooth backward pass.")
     flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0: all).")
     flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
+    flags.DEFINE_string("export_dir", None, "Also write the trained model as a TensorFlow SavedModel here.")
     flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
 
 
@@ -47,7 +48,11 @@ def main(argv):
             steps_per_execution=FLAGS.steps_per_execution,
         )
         workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}"
-        training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)
+        model = training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)
+        if FLAGS.export_dir:
+            from polar_tf import export  # Lazy: needs TensorFlow.
+
+            export.export_saved_model(model, FLAGS.export_dir)
 
     cli.run_main("train.py", body)
 

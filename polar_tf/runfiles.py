@@ -72,6 +72,15 @@ def remove_stale_temporaries(workdir: str) -> None:
                 os.remove(os.path.join(folder, name))
 
 
+def resolve_model_path(path: str) -> str:
+    """A `.keras` file as given, or a training workdir's final checkpoint."""
+    if os.path.isdir(path):
+        return final_checkpoint(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"model {path} does not exist (expected a .keras file or a workdir)")
+    return path
+
+
 def _atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

@@ -27,13 +27,14 @@ def smoke_run(tmp_path_factory, mnist_subset_dir):
     workdir = str(tmp_path_factory.mktemp("run"))
     result = _train_py(
         f"--workdir={workdir}", f"--data_dir={mnist_subset_dir}", "--epochs_per_stage=1", "--verbose=0",
+        f"--export_dir={workdir}/export",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
-    for name in ("stage1.keras", "stage2.keras", "stage3.keras", "config.json", "metrics.jsonl"):
+    for name in ("stage1.keras", "stage2.keras", "stage3.keras", "config.json", "metrics.jsonl", "export/saved_model.pb"):
         assert os.path.isfile(os.path.join(smoke_run, name)), name
     config = runfiles.read_config(smoke_run)
     assert (config.dataset, config.model, config.epochs_per_stage, config.jump) == ("mnist", "polarized", 1, 0.5)

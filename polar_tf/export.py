@@ -1,0 +1,78 @@
+r"""TensorFlow SavedModel export with a serving signature.
+
+  python -m polar_tf.export --model_path=runs/mnist_polarized/stage3.keras --export_dir=export/mnist
+  saved_model_cli run --dir export/mnist --tag_set serve --signature_def serving_default \
+      --input_exprs 'images=np.zeros((1,28,28,1),np.float32)'
+
+The signature takes float32 images [N, 28, 28, 1] in [0, 1] and returns "logits" and
+"probabilities" of the model as evaluated (a polarized model with its saturation switched on).
+Needs TensorFlow (imported lazily); from the JAX backend Keras converts through jax2tf.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import keras
+from absl import app, flags
+
+from polar_tf import cli, models, runfiles
+
+
+def export_saved_model(model: keras.Model, export_dir: str) -> None:
+    """Writes `model` as a SavedModel with a "serving_default" signature, atomically.
+
+    Args:
+      model: a polar_tf model; a front end's saturation is switched on for the export.
+      export_dir: the SavedModel folder; an existing one is replaced only once the new one is complete.
+    """
+    frontend = models.get_frontend(model)
+    if frontend is not None:
+        frontend.set_saturation(True)
+
+    def serve(images):
+        logits = model(images, training=False)
+        return {"logits": logits, "probabilities": keras.ops.softmax(logits, axis=-1)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name="serve",
+        fn=serve,
+        input_signature=[keras.InputSpec(shape=(None, *models.IMAGE_SHAPE), dtype="float32", name="images")],
+    )
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.", suffix=".tmp", dir=parent)
+    try:
+        archive.write_out(staging, verbose=False)
+        if os.path.exists(export_dir):
+            old = staging + ".old"
+            os.replace(export_dir, old)
+            os.replace(staging, export_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, export_dir)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+
+
+def main(argv):
+    del argv
+    flags_ = flags.FLAGS
+
+    def body():
+        model = runfiles.load_model(runfiles.resolve_model_path(flags_.model_path), compile=False)
+        export_saved_model(model, flags_.export_dir)
+        print(f"SavedModel written to {flags_.export_dir}")
+
+    cli.run_main("polar_tf.export", body)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("model_path", None, "A .keras checkpoint or a workdir.", required=True)
+    flags.DEFINE_string("export_dir", None, "SavedModel folder to write.", required=True)
+    app.run(main)
