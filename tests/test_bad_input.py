@@ -1,0 +1,78 @@
+"""Bad input: a one-line error, a non-zero exit, no traceback, and nothing written is lost."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from polar_tf import data, runfiles, training
+from polar_tf.config import Config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_py(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def _last_line(result):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--dataset=cifar10"], "FATAL Flags parsing error: flag --dataset=cifar10"),
+        (["--model=resnet"], "FATAL Flags parsing error: flag --model=resnet"),
+        (["--jump=0"], "train.py: error: jump must be in (0, 1). Received: jump=0.0"),
+        (["--epochs_per_stage=-1"], "train.py: error: epochs_per_stage must be a positive integer. Received: epochs_per_stage=-1"),
+        (["--data_dir=/nonexistent/data"], "train.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"),
+    ],
+)
+def test_train_py_rejects_bad_flags(tmp_path, args, expected):
+    result = _train_py(f"--workdir={tmp_path}/run", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert any(line.startswith(expected) for line in lines[-2:]), lines[-3:]
+
+
+def test_train_py_rejects_corrupt_idx(tmp_path, mnist_subset_dir):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for name in os.listdir(os.path.join(mnist_subset_dir, "mnist")):
+        with open(os.path.join(mnist_subset_dir, "mnist", name), "rb") as f:
+            blob = f.read()
+        (folder / name).write_bytes(blob[:-7] if name.startswith("train-images") else blob)
+    line = _last_line(_train_py(f"--workdir={tmp_path}/run", f"--data_dir={tmp_path}"))
+    assert line.startswith("train.py: error: ") and "train-images-idx3-ubyte: header says (320, 28, 28)" in line
+
+
+def test_nan_loss_stops_with_epoch_and_batch_and_keeps_checkpoints(tmp_path, mnist_subset_dir, monkeypatch):
+    config = Config(epochs_per_stage=1, train_examples=128)
+    workdir = str(tmp_path)
+    training.train_and_evaluate(config, workdir, "1", mnist_subset_dir)
+    stage1 = os.path.join(workdir, "stage1.keras")
+    with open(stage1, "rb") as f:
+        stage1_bytes = f.read()
+
+    real_load = data.load_dataset
+
+    def poisoned(*args, **kwargs):
+        (x, y), test = real_load(*args, **kwargs)
+        x = x.copy()
+        x[:] = np.nan
+        return (x, y), test
+
+    monkeypatch.setattr(data, "load_dataset", poisoned)
+    with pytest.raises(FloatingPointError, match=r"the loss became nan at epoch 1, batch 0"):
+        training.train_and_evaluate(config, workdir, "2", mnist_subset_dir)
+    with open(stage1, "rb") as f:
+        assert f.read() == stage1_bytes
+    assert runfiles.latest_epoch_checkpoint(workdir)[0] == 0
+    assert [r["epoch"] for r in runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()] == [0]
+    assert not os.path.exists(os.path.join(workdir, "stage2.keras"))
