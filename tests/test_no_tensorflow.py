@@ -1,0 +1,28 @@
+"""polar_tf must import and train on a machine with JAX but no TensorFlow (the GPU machine)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = """
+import os, sys, tempfile
+sys.modules["tensorflow"] = None  # as if not installed: any import of it raises ImportError
+sys.modules["tensorflow_datasets"] = None
+os.environ["KERAS_BACKEND"] = "jax"
+import polar_tf
+from polar_tf import config, runfiles, training
+workdir = tempfile.mkdtemp()
+training.train_and_evaluate(config.Config(epochs_per_stage=1, train_examples=64), workdir, "all", sys.argv[1])
+assert os.path.isfile(os.path.join(workdir, "stage3.keras"))
+print("trained without tensorflow")
+"""
+
+
+def test_trains_on_jax_without_tensorflow(mnist_subset_dir):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mnist_subset_dir], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained without tensorflow" in result.stdout
+    assert "TensorFlow is not installed: no TensorBoard events" in result.stderr
