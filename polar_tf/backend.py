@@ -1,13 +1,18 @@
-"""The only backend-specific code: gradients with respect to the input.
+"""The only backend-specific code: gradients with respect to the input, and compiled attack loops.
 
-Everything else is written with `keras.ops` and runs on TensorFlow and JAX alike.
+Everything else is written with `keras.ops` and runs on TensorFlow and JAX alike. TensorFlow and
+JAX are imported lazily, so the package imports on machines that have only one of them.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import weakref
 from typing import Callable
 
 import keras
+import numpy as np
 
 
 def name() -> str:
@@ -38,3 +43,216 @@ def gradient(fn: Callable, x):
 
         return jax.grad(fn)(keras.ops.convert_to_tensor(x))
     raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
+
+
+# Batch size of attacks when none is given. Measured on the 2-core CPU (TensorFlow; see
+# BENCHMARKS.md); on an accelerator a batch big enough to fill it but small enough that PGD's
+# restarts, which attack only the examples still classified correctly, shrink the work.
+CPU_ATTACK_BATCH_SIZE = 500
+ACCELERATOR_ATTACK_BATCH_SIZE = 2500
+
+
+def on_accelerator() -> bool:
+    """Whether Keras computes on a GPU or TPU."""
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() != "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
+
+
+def default_attack_batch_size() -> int:
+    return ACCELERATOR_ATTACK_BATCH_SIZE if on_accelerator() else CPU_ATTACK_BATCH_SIZE
+
+
+def device_description() -> str:
+    """The device that computes, in words, e.g. "NVIDIA H100 80GB HBM3" or "CPU: AMD EPYC (2 cores)"."""
+    backend = name()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return f"{device.device_kind} ({device.platform})"
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return f"{details.get('device_name', gpus[0].name)} (gpu)"
+    return f"CPU: {_cpu_model()} ({os.cpu_count()} cores)"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compile_attack_loop(
+    model: keras.Model,
+    objective: Callable,
+    start: Callable,
+    update: Callable,
+    on_trace: Callable[[], None],
+) -> Callable:
+    """Compiles an iterative attack on `model`: the whole loop, traced once per input shape.
+
+    The loop is
+        x_0 = start(x, noise, eps)
+        x_{t+1} = update(x_t, d/dx_t sum(objective(model(x_t), y)), x, eps, step_size)
+    for t < steps, followed by one forward pass at x_steps. eps, step_size and steps are traced
+    arguments and the model's variables are read at every call (passed in as values, with
+    `model.stateless_call`), so neither another attack size nor a changed weight or switch
+    retraces.
+
+    How the loop is compiled, by backend and device:
+      - TensorFlow: a `tf.function` with a `tf.range` loop; XLA only on a GPU (on the CPU the same
+        loop under XLA was 10-25x slower, see KERAS_NOTES.md);
+      - JAX on an accelerator: one `jax.jit` with a `lax.fori_loop`;
+      - JAX on the CPU: a Python loop over one jitted gradient step (4x faster there than
+        `fori_loop`); the last forward pass is one more step whose update is discarded.
+
+    Args:
+      model: a built Keras model from inputs to logits.
+      objective: (logits, y) -> per-example loss [batch], written with keras.ops.
+      start: (x, noise, eps) -> x_0.
+      update: (x_t, gradient, x, eps, step_size) -> x_{t+1}.
+      on_trace: called each time a compiled function is traced (Python side effect).
+
+    The compiled functions hold the model weakly, so a cache of them keyed on the model does not
+    keep it alive.
+
+    Returns:
+      run(x, y, noise, eps, step_size, steps) -> (x_adv, loss, logits) as NumPy arrays, with loss
+      and logits those of x_adv = x_steps.
+    """
+    backend = name()
+    model_ref = weakref.ref(model)
+    if backend == "tensorflow":
+        return _tf_attack_loop(model_ref, objective, start, update, on_trace)
+    if backend == "jax":
+        return _jax_attack_loop(model_ref, objective, start, update, on_trace)
+    raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
+
+
+def _variable_values(model_ref):
+    model = model_ref()
+    return (
+        [keras.ops.convert_to_tensor(v) for v in model.trainable_variables],
+        [keras.ops.convert_to_tensor(v) for v in model.non_trainable_variables],
+    )
+
+
+def _forward(model_ref, trainable, non_trainable, x):
+    return model_ref().stateless_call(trainable, non_trainable, x, training=False)[0]
+
+
+def _tf_attack_loop(model_ref, objective, start, update, on_trace):
+    import tensorflow as tf
+
+    def forward(trainable, non_trainable, x):
+        return _forward(model_ref, trainable, non_trainable, x)
+
+    @tf.function(jit_compile=on_accelerator())
+    def loop(trainable, non_trainable, x, y, noise, eps, step_size, steps):
+        on_trace()
+        x_adv = start(x, noise, eps)
+        for _ in tf.range(steps):
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                total = tf.reduce_sum(objective(forward(trainable, non_trainable, x_adv), y))
+            x_adv = update(x_adv, tape.gradient(total, x_adv), x, eps, step_size)
+        logits = forward(trainable, non_trainable, x_adv)
+        return x_adv, objective(logits, y), logits
+
+    def run(x, y, noise, eps, step_size, steps):
+        trainable, non_trainable = _variable_values(model_ref)
+        outputs = loop(
+            trainable,
+            non_trainable,
+            tf.convert_to_tensor(x, tf.float32),
+            tf.convert_to_tensor(y, tf.int32),
+            tf.convert_to_tensor(noise, tf.float32),
+            tf.constant(eps, tf.float32),
+            tf.constant(step_size, tf.float32),
+            tf.constant(steps, tf.int32),
+        )
+        return tuple(o.numpy() for o in outputs)
+
+    return run
+
+
+def _jax_attack_loop(model_ref, objective, start, update, on_trace):
+    import jax
+    import jax.numpy as jnp
+
+    def forward(trainable, non_trainable, x):
+        return _forward(model_ref, trainable, non_trainable, x)
+
+    def loss_and_gradient(trainable, non_trainable, x_adv, y):
+        def total(x_adv):
+            logits = forward(trainable, non_trainable, x_adv)
+            losses = objective(logits, y)
+            return jnp.sum(losses), (losses, logits)
+
+        return jax.value_and_grad(total, has_aux=True)(x_adv)
+
+    def arguments(x, y, noise, eps, step_size):
+        return (
+            jnp.asarray(x, jnp.float32),
+            jnp.asarray(y, jnp.int32),
+            jnp.asarray(noise, jnp.float32),
+            jnp.asarray(eps, jnp.float32),
+            jnp.asarray(step_size, jnp.float32),
+        )
+
+    if jax.default_backend() != "cpu":
+
+        @jax.jit
+        def loop(trainable, non_trainable, x, y, noise, eps, step_size, steps):
+            on_trace()
+
+            def body(_, x_adv):
+                _, gradient = loss_and_gradient(trainable, non_trainable, x_adv, y)
+                return update(x_adv, gradient, x, eps, step_size)
+
+            x_adv = jax.lax.fori_loop(0, steps, body, start(x, noise, eps))
+            logits = forward(trainable, non_trainable, x_adv)
+            return x_adv, objective(logits, y), logits
+
+        def run(x, y, noise, eps, step_size, steps):
+            trainable, non_trainable = _variable_values(model_ref)
+            outputs = loop(trainable, non_trainable, *arguments(x, y, noise, eps, step_size), jnp.int32(steps))
+            return tuple(np.asarray(o) for o in outputs)
+
+        return run
+
+    @jax.jit
+    def step(trainable, non_trainable, x_adv, x, y, eps, step_size):
+        """One update from x_adv, and the loss and logits at x_adv (before the update)."""
+        on_trace()
+        (_, (losses, logits)), gradient = loss_and_gradient(trainable, non_trainable, x_adv, y)
+        return update(x_adv, gradient, x, eps, step_size), losses, logits
+
+    def run(x, y, noise, eps, step_size, steps):
+        trainable, non_trainable = _variable_values(model_ref)
+        x, y, noise, eps, step_size = arguments(x, y, noise, eps, step_size)
+        x_adv = start(x, noise, eps)
+        for _ in range(steps):
+            x_adv, _, _ = step(trainable, non_trainable, x_adv, x, y, eps, step_size)
+        _, losses, logits = step(trainable, non_trainable, x_adv, x, y, eps, step_size)
+        return np.asarray(x_adv), np.asarray(losses), np.asarray(logits)
+
+    return run

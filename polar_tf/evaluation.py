@@ -1,0 +1,473 @@
+"""Robustness evaluation, what evaluate.py calls: attacks, a report and the paper's figures.
+
+    results = evaluate(["runs/mnist_polarized/stage3.keras"], EvalConfig(dataset="mnist"))
+
+writes into the output folder (default: the first model's folder)
+  results.json                  every number, the settings, backend, device and wall times
+  results.md                    the paper's table (clean, FGSM, BIM, PGD accuracy) and the settings
+  accuracy_vs_eps.png           accuracy against eps for each attack and model
+  adversarial_examples.png      originals, attacked images, their difference and one front-end
+                                filter's output for each (the strongest attack run, at eps)
+  frontend_maps.png             the front end's saturated output maps for one image (and
+  frontend_maps_attacked.png    for its attacked version); models with a front end only
+With several models the per-model figures are prefixed by the model's label.
+
+Accuracies are those of the saturated model (as `models.accuracy`), measured by a forward pass
+of the loaded model on the adversarial images, apart from the attack's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+from absl import logging
+
+from polar_tf import attacks, backend, data, models, plots, runfiles
+from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
+from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
+from polar_tf.frontend import saturate
+
+ATTACK_NAMES = {"fgsm": "FGSM", "bim": "BIM", "pgd": "PGD"}
+EXAMPLES_SHOWN = 5
+# Table 1 of the paper (accuracy, %), for eps = DEFAULT_EPS[dataset]: clean, FGSM, BIM, PGD.
+PAPER_RESULTS = {
+    "mnist": {
+        "no defense": (99.4, 21.9, 0.47, 0.00),
+        "adversarial training": (97.5, 93.1, 90.0, 86.7),
+        "polarizing front end": (99.1, 93.2, 86.5, 70.8),
+    },
+    "fashion_mnist": {
+        "no defense": (91.6, 19.7, 1.49, 0.11),
+        "adversarial training": (83.8, 77.9, 75.6, 74.1),
+        "polarizing front end": (87.3, 69.4, 54.9, 44.5),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation (defaults: the paper's protocol).
+
+    Attributes:
+      dataset: "mnist" or "fashion_mnist".
+      attacks: which of "fgsm", "bim", "pgd" to run.
+      eps: L-inf attack size; None picks the dataset's (0.3 MNIST, 0.1 Fashion-MNIST).
+      steps: steps of BIM and PGD.
+      step_size: their step size; None means eps / 10 (at every eps of a sweep).
+      restarts: PGD's random restarts.
+      num_examples: the first N test images.
+      batch_size: images per compiled attack call; None picks the device's default.
+      eps_sweep: further eps values to attack at (for the accuracy-against-eps figure).
+      loss: "ce" or "cw" (see `attacks.per_example_loss`).
+      backward: the saturation's gradient in the attack: "identity" (BPDA) or "smooth".
+      steepness: slope of the smooth backward pass; None keeps the model's.
+      seed: seeds PGD's random starts.
+    """
+
+    dataset: str = "mnist"
+    attacks: tuple[str, ...] = ATTACKS
+    eps: float | None = None
+    steps: int = DEFAULT_STEPS
+    step_size: float | None = None
+    restarts: int = DEFAULT_RESTARTS
+    num_examples: int = 10000
+    batch_size: int | None = None
+    eps_sweep: tuple[float, ...] = ()
+    loss: str = "ce"
+    backward: str = "identity"
+    steepness: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("dataset", self.dataset, DATASETS)
+        object.__setattr__(self, "attacks", tuple(self.attacks))
+        if not self.attacks:
+            raise ValueError("attacks must name at least one of fgsm, bim, pgd")
+        for name in self.attacks:
+            _check_choice("attacks", name, ATTACKS)
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks must not repeat. Received: attacks={','.join(self.attacks)}")
+        if self.eps is None:
+            object.__setattr__(self, "eps", DEFAULT_EPS[self.dataset])
+        for eps in (self.eps, *self.eps_sweep):
+            if not (math.isfinite(eps) and 0.0 <= eps <= 1.0):
+                raise ValueError(f"eps must be in [0, 1]. Received: eps={eps}")
+        for name in ("steps", "restarts", "num_examples"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer. Received: {name}={value}")
+        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size > 0):
+            raise ValueError(f"batch_size must be a positive integer. Received: batch_size={self.batch_size}")
+        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
+            raise ValueError(f"step_size must be > 0. Received: step_size={self.step_size}")
+        _check_choice("loss", self.loss, LOSSES)
+        _check_choice("backward", self.backward, BACKWARDS)
+        if self.steepness is not None and not (math.isfinite(self.steepness) and self.steepness > 0):
+            raise ValueError(f"steepness must be > 0. Received: steepness={self.steepness}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be an integer >= 0. Received: seed={self.seed}")
+
+    @property
+    def eps_values(self) -> list[float]:
+        """Every eps attacked: the sweep and eps itself, ascending."""
+        return sorted({float(self.eps), *map(float, self.eps_sweep)})
+
+    def step_size_at(self, eps: float) -> float:
+        return eps / 10 if self.step_size is None else self.step_size
+
+
+def parse_eps_sweep(text: str) -> tuple[float, ...]:
+    """'start:stop:step' -> (start, start + step, ..., stop), stop included when on the grid."""
+    parts = text.split(":")
+    try:
+        start, stop, step = (float(p) for p in parts)
+        if len(parts) != 3:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"eps_sweep must be start:stop:step, e.g. 0:0.4:0.02. Received: eps_sweep={text!r}") from None
+    if not (step > 0 and 0 <= start <= stop <= 1):
+        raise ValueError(f"eps_sweep needs 0 <= start <= stop <= 1 and step > 0. Received: eps_sweep={text!r}")
+    count = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return tuple(round(start + k * step, 10) for k in range(count))
+
+
+def resolve_model_path(path: str) -> str:
+    """A `.keras` file as given, or a training workdir's final checkpoint."""
+    if os.path.isdir(path):
+        return runfiles.final_checkpoint(path)
+    if not os.path.exists(path):
+        raise runfiles.CheckpointError(f"model {path} does not exist (expected a .keras file or a workdir)")
+    return path
+
+
+def workdir_dataset(model_path: str) -> str | None:
+    """The dataset in the config.json of the model's workdir, or None if there is none."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    try:
+        return runfiles.read_config(folder).dataset
+    except (ValueError, OSError):
+        return None
+
+
+def model_label(path: str) -> str:
+    """'runs/mnist_polarized/stage3.keras' -> 'mnist_polarized/stage3'."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{folder}/{stem}" if folder else stem
+
+
+def run_attack(name: str, model: keras.Model, x: np.ndarray, y: np.ndarray, eps: float, config: EvalConfig) -> np.ndarray:
+    """One attack of the protocol with `config`'s settings; returns the adversarial images."""
+    common = dict(eps=eps, loss=config.loss, batch_size=config.batch_size)
+    if name == "fgsm":
+        return attacks.fgsm(model, x, y, **common)
+    if name == "bim":
+        return attacks.bim(model, x, y, step_size=config.step_size_at(eps), steps=config.steps, **common)
+    if name == "pgd":
+        return attacks.pgd(
+            model, x, y, step_size=config.step_size_at(eps), steps=config.steps, restarts=config.restarts,
+            seed=config.seed, **common,
+        )
+    raise ValueError(f"attack must be one of {', '.join(attacks.ATTACKS)}. Received: {name!r}")
+
+
+def evaluate(
+    model_paths: Sequence[str],
+    config: EvalConfig,
+    output_dir: str | None = None,
+    data_dir: str | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Attacks each model with the protocol of `config`; writes results.json, results.md and plots.
+
+    Args:
+      model_paths: `.keras` files or training workdirs.
+      config: the settings.
+      output_dir: where the files go; None means the first model's folder.
+      data_dir: folder of IDX files (see `polar_tf.data.load`).
+      command: the command line, recorded in results.json.
+
+    Returns:
+      The content of results.json.
+    """
+    if not model_paths:
+        raise ValueError("--model_path is required: a .keras file or a training workdir")
+    started = time.perf_counter()
+    paths = [resolve_model_path(p) for p in model_paths]
+    loaded = [runfiles.load_model(p, compile=False) for p in paths]  # All load before any attack.
+    output_dir = output_dir or os.path.dirname(os.path.abspath(paths[0]))
+    x, y = data.load(config.dataset, "test", data_dir)
+    if config.num_examples > len(x):
+        raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
+    x, y = x[: config.num_examples], y[: config.num_examples]
+    for path, model in zip(paths, loaded):
+        _check_model(model, path, x, y)
+        trained_on = workdir_dataset(path)
+        if trained_on not in (None, config.dataset):
+            logging.warning("%s was trained on %s and is evaluated on %s", path, trained_on, config.dataset)
+    results: dict[str, Any] = {
+        "dataset": config.dataset,
+        "num_examples": len(x),
+        "eps": config.eps,
+        "config": dataclasses.asdict(config),
+        "attacks": {name: _describe(name, config, config.eps) for name in config.attacks},
+        "backend": backend.name(),
+        "versions": _versions(),
+        "device": backend.device_description(),
+        "command": command,
+        "output_dir": os.path.abspath(output_dir),
+        "models": [],
+    }
+    labels = _unique([model_label(p) for p in paths])
+    figures = []
+    for path, label, model in zip(paths, labels, loaded):
+        record, adversarial = _evaluate_model(model, path, label, x, y, config)
+        results["models"].append(record)
+        prefix = "" if len(paths) == 1 else _slug(label) + "_"
+        figures += _model_figures(model, label, x, y, adversarial, config, output_dir, prefix)
+    accuracy_plot = os.path.join(output_dir, "accuracy_vs_eps.png")
+    plots.plot_accuracy_vs_eps(_curves(results), accuracy_plot, config.eps, f"{config.dataset}: {len(x)} test images")
+    results["plots"] = [os.path.basename(accuracy_plot), *figures]
+    results["total_seconds"] = time.perf_counter() - started
+    runfiles.write_json(os.path.join(output_dir, "results.json"), results)
+    runfiles.write_text(os.path.join(output_dir, "results.md"), results_markdown(results))
+    logging.info("Wrote results.json, results.md and %d plots to %s", len(results["plots"]), output_dir)
+    return results
+
+
+def _evaluate_model(model, path, label, x, y, config: EvalConfig):
+    """All attacks at all eps on one model; returns its record and the strongest attack's images."""
+    target = attacks.with_backward(model, config.backward, config.steepness)
+    clean = models.accuracy(model, x, y)
+    logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
+    runs, adversarial = [], None
+    for eps in config.eps_values:
+        for name in config.attacks:
+            compiled = attacks.compiled_attack(target, config.loss)
+            steps_before, start = compiled.image_steps, time.perf_counter()
+            # Every attack returns x at eps = 0 (tested); skip the work.
+            x_adv = x.copy() if eps == 0 else run_attack(name, target, x, y, eps, config)
+            seconds = time.perf_counter() - start
+            image_steps = compiled.image_steps - steps_before
+            accuracy = models.accuracy(model, x_adv, y)
+            logging.info("%s: %s eps=%g accuracy %.4f (%.1f s)", label, name, eps, accuracy, seconds)
+            runs.append({
+                "attack": name,
+                "eps": eps,
+                "accuracy": accuracy,
+                "seconds": seconds,
+                "image_steps": image_steps,
+                "image_steps_per_second": image_steps / seconds if image_steps else None,
+                **_settings(name, config, eps),
+            })
+            if eps == config.eps:
+                adversarial = (name, x_adv)  # The last of fgsm, bim, pgd run: the strongest.
+    at_eps = [r for r in runs if r["eps"] == config.eps]
+    record = {
+        "label": label,
+        "path": os.path.abspath(path),
+        "has_frontend": models.get_frontend(model) is not None,
+        "clean_accuracy": clean,
+        "accuracy": {r["attack"]: r["accuracy"] for r in at_eps},
+        "seconds": {r["attack"]: r["seconds"] for r in at_eps},
+        "runs": runs,
+    }
+    return record, adversarial
+
+
+def _settings(name: str, config: EvalConfig, eps: float) -> dict[str, Any]:
+    if name == "fgsm":
+        return {"steps": 1, "step_size": eps, "restarts": 1, "random_start": False}
+    if name == "bim":
+        return {"steps": config.steps, "step_size": config.step_size_at(eps), "restarts": 1, "random_start": False}
+    return {"steps": config.steps, "step_size": config.step_size_at(eps), "restarts": config.restarts, "random_start": True}
+
+
+def _describe(name: str, config: EvalConfig, eps: float) -> str:
+    s = _settings(name, config, eps)
+    if name == "fgsm":
+        return "one signed-gradient step of size eps"
+    if name == "bim":
+        return f"{s['steps']} steps of {s['step_size']:.4g} from x"
+    return (
+        f"{s['steps']} steps of {s['step_size']:.4g} from a uniform random start, {s['restarts']} restarts "
+        "(worst case per example)"
+    )
+
+
+def _model_figures(model, label, x, y, adversarial, config: EvalConfig, output_dir: str, prefix: str) -> list[str]:
+    if adversarial is None:
+        return []
+    name, x_adv = adversarial
+    written = []
+    with attacks.saturated(model):
+        clean_pred = models.predict_labels(model, x, 1000)
+        adv_pred = models.predict_labels(model, x_adv, 1000)
+    shown = _pick_examples(y, clean_pred, adv_pred, EXAMPLES_SHOWN)
+    captions = [f"label {y[i]}: {clean_pred[i]} -> {adv_pred[i]}" for i in shown]
+    frontend = models.get_frontend(model)
+    maps = maps_adv = None
+    title = f"{label}: {ATTACK_NAMES[name]}, eps = {config.eps:g}"
+    if frontend is not None:
+        maps = _saturated_maps(model, x[shown])
+        maps_adv = _saturated_maps(model, x_adv[shown])
+        changed = np.sum(maps != maps_adv, axis=(0, 1, 2))
+        channel = int(np.argmax(changed))  # The filter whose outputs the attack flips most.
+        plots.plot_adversarial_examples(
+            x[shown], x_adv[shown], config.eps, os.path.join(output_dir, prefix + "adversarial_examples.png"),
+            captions, maps[..., channel], maps_adv[..., channel], channel, title,
+        )
+        for suffix, images, image_maps, kind in (("", x, maps, "clean"), ("_attacked", x_adv, maps_adv, ATTACK_NAMES[name])):
+            path = os.path.join(output_dir, f"{prefix}frontend_maps{suffix}.png")
+            plots.plot_frontend_maps(
+                images[shown[0]], image_maps[0], path,
+                f"{label}: saturated front-end outputs, test image {shown[0]} ({kind})",
+            )
+            written.append(os.path.basename(path))
+    else:
+        plots.plot_adversarial_examples(
+            x[shown], x_adv[shown], config.eps, os.path.join(output_dir, prefix + "adversarial_examples.png"),
+            captions, title=title,
+        )
+    return [prefix + "adversarial_examples.png", *written]
+
+
+def _saturated_maps(model, x: np.ndarray) -> np.ndarray:
+    """The front end's outputs as the classifier sees them in evaluation: saturated, [n, 28, 28, K]."""
+    frontend = models.get_frontend(model)
+    z = np.concatenate(list(models.frontend_outputs(model, x)))
+    return keras.ops.convert_to_numpy(saturate(z, frontend.jump))
+
+
+def _pick_examples(y, clean_pred, adv_pred, count: int) -> list[int]:
+    """The first images the attack turns from right to wrong, topped up with the first others."""
+    flipped = np.flatnonzero((clean_pred == y) & (adv_pred != y))
+    rest = np.setdiff1d(np.arange(len(y)), flipped)
+    return [int(i) for i in np.concatenate([flipped, rest])[: min(count, len(y))]]
+
+
+def _curves(results: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
+    """Accuracy against eps for each (model, attack), starting at eps 0 with the clean accuracy."""
+    curves = {}
+    many = len(results["models"]) > 1
+    for model in results["models"]:
+        for name in results["config"]["attacks"]:
+            points = {0.0: model["clean_accuracy"]}
+            points.update({r["eps"]: r["accuracy"] for r in model["runs"] if r["attack"] == name})
+            eps = sorted(points)
+            key = f"{model['label']}: {ATTACK_NAMES[name]}" if many else ATTACK_NAMES[name]
+            curves[key] = (eps, [points[e] for e in eps])
+    return curves
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the paper's table for these models, the settings, and the sweep if any."""
+    config = results["config"]
+    names = config["attacks"]
+    lines = [
+        f"# Robustness on {results['dataset']}, eps = {results['eps']:g}",
+        "",
+        "Accuracy (%) of the saturated model on the first "
+        f"{results['num_examples']} test images, L-inf attacks, pixels in [0, 1].",
+        "",
+        "| model | clean | " + " | ".join(ATTACK_NAMES[n] for n in names) + " |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for model in results["models"]:
+        cells = [_percent(model["clean_accuracy"])] + [_percent(model["accuracy"][n]) for n in names]
+        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
+    paper = PAPER_RESULTS.get(results["dataset"])
+    if paper and results["eps"] == DEFAULT_EPS[results["dataset"]]:
+        columns = [0] + [1 + attacks.ATTACKS.index(n) for n in names]
+        for defense, values in paper.items():
+            lines.append(f"| paper: {defense} | " + " | ".join(f"{values[c]:.2f}" for c in columns) + " |")
+    lines += [
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| eps | {results['eps']:g} |",
+        *[f"| {ATTACK_NAMES[n]} | {results['attacks'][n]} |" for n in names],
+        f"| loss | {_loss_text(config['loss'])} |",
+        f"| backward pass of the saturation | {_backward_text(config)} |",
+        f"| examples | {results['num_examples']} (first of the test set) |",
+        f"| seed | {config['seed']} |",
+        f"| backend | {results['backend']} ({', '.join(f'{k} {v}' for k, v in results['versions'].items())}) |",
+        f"| device | {results['device']} |",
+    ]
+    for model in results["models"]:
+        times = ", ".join(f"{ATTACK_NAMES[n]} {model['seconds'][n]:.1f} s" for n in names)
+        lines.append(f"| wall time, {model['label']} | {times} |")
+    lines.append(f"| wall time, total | {results['total_seconds']:.1f} s |")
+    sweep = sorted({r["eps"] for m in results["models"] for r in m["runs"]})
+    if len(sweep) > 1:
+        lines += ["", "## Accuracy (%) against eps", "", "| model | attack | " + " | ".join(f"{e:g}" for e in sweep) + " |",
+                  "|---" * (len(sweep) + 2) + "|"]
+        for model in results["models"]:
+            for n in names:
+                by_eps = {r["eps"]: r["accuracy"] for r in model["runs"] if r["attack"] == n}
+                lines.append(f"| {model['label']} | {ATTACK_NAMES[n]} | " + " | ".join(_percent(by_eps[e]) for e in sweep) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _loss_text(loss: str) -> str:
+    if loss == "cw":
+        return "cw: margin max_{j != y} l_j - l_y on the logits"
+    return "ce: cross-entropy on the logits; MSE on the one-hot label where it underflows in float64 (as the reference)"
+
+
+def _backward_text(config: dict[str, Any]) -> str:
+    if config["backward"] == "identity":
+        return "identity (straight-through, BPDA)"
+    steepness = "the model's" if config["steepness"] is None else f"{config['steepness']:g}"
+    return f"smooth (tanh surrogate, steepness {steepness})"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"keras": keras.__version__}
+    name = backend.name()
+    if name == "jax":
+        import jax
+
+        versions["jax"] = jax.__version__
+    elif name == "tensorflow":
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+    return versions
+
+
+def _check_model(model: keras.Model, path: str, x: np.ndarray, y: np.ndarray) -> None:
+    input_shape, output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
+    if input_shape != x.shape[1:] or len(output_shape) != 1 or output_shape[0] <= int(np.max(y)):
+        raise ValueError(f"model {path} maps {input_shape} to {output_shape}; expected images {x.shape[1:]} to 10 logits")
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
+
+
+def _check_choice(label: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{label} must be one of {', '.join(choices)}. Received: {label}={value!r}")

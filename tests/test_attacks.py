@@ -1,0 +1,280 @@
+"""Tests of polar_tf.attacks: invariants, exact values, tracing, determinism and attack strength."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from polar_tf import attacks, backend, data, models
+from polar_tf.frontend import PolarizingFrontEnd, Saturation
+
+EPS = 0.1
+
+
+def tiny_cnn(seed: int = 0) -> keras.Model:
+    """A small conv net on MNIST-shaped images: fast on both backends."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(4, 5, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+
+
+def polarized(kind: str = "polarized") -> keras.Model:
+    """A small model with the paper's saturating first layer ("polarized": PolarizingFrontEnd,
+    saturation on; "direct_quant": Saturation on the pixels), random weights. The jump is small
+    so that on random images many saturated outputs are +-1 (with c = 0.5 all are 0 and every
+    gradient vanishes)."""
+    keras.utils.set_random_seed(0)
+    if kind == "polarized":
+        first = PolarizingFrontEnd(filters=4, jump=0.05, saturate=True, name="frontend")
+    else:
+        first = Saturation(jump=0.5, name="quantize")
+    inputs = keras.Input((28, 28, 1))  # Functional, as `models.build_model`'s.
+    hidden = keras.layers.Conv2D(4, 5, strides=2, activation="relu")(first(inputs))
+    return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
+
+
+def random_batch(n: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def polarized_model():
+    """One polarized model for the module: each new model is compiled anew (seconds on JAX)."""
+    return polarized()
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return tiny_cnn()
+
+
+@pytest.fixture(scope="module")
+def trained_mlp():
+    """An undefended MLP trained for a few seconds on 3000 MNIST images, and 200 test images."""
+    (x_train, y_train), (x_test, y_test) = data.load_dataset("mnist", train_examples=3000)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0)
+    return model, x_test[:200], y_test[:200]
+
+
+# Pieces.
+
+
+def test_project_clips_to_ball_and_range():
+    x = np.array([0.0, 0.5, 1.0, 0.95], np.float32)
+    x_adv = np.array([-0.5, 0.9, 0.2, 1.4], np.float32)
+    got = ops.convert_to_numpy(attacks.project(x_adv, x, 0.1))
+    f = np.float32
+    np.testing.assert_array_equal(got, [0.0, f(0.5) + f(0.1), f(1.0) - f(0.1), 1.0])
+
+
+def test_per_example_loss_values():
+    logits = np.zeros((5, 10), np.float32)
+    logits[0, :2] = [2.0, 1.0]  # ordinary
+    logits[1, 0] = 30.0  # confident: float32 -log softmax is 0, the loss is not
+    logits[2, 0] = 40.0  # float64 cross-entropy underflows: MSE fallback
+    logits[3, 1] = 100.0  # confidently wrong
+    logits[4, :3] = [1.0, 3.0, 2.0]
+    y = np.zeros(5, np.int32)
+    ce = ops.convert_to_numpy(attacks.per_example_loss(logits, y, "ce")).astype(np.float64)
+    reference = np.log(np.sum(np.exp(logits.astype(np.float64)), axis=1)) - logits[:, 0]
+    np.testing.assert_allclose(ce[[0, 3, 4]], reference[[0, 3, 4]], rtol=1e-6)
+    np.testing.assert_allclose(ce[1], math.log1p(9 * math.exp(-30.0)), rtol=1e-5)
+    np.testing.assert_allclose(ce[2], (39.0**2) / 10, rtol=1e-6)
+    cw = ops.convert_to_numpy(attacks.per_example_loss(logits, y, "cw"))
+    np.testing.assert_array_equal(cw, [-1.0, -30.0, -40.0, 100.0, 2.0])
+
+
+def test_cross_entropy_gradient_does_not_vanish_on_confident_examples():
+    logits = np.zeros((1, 10), np.float32)
+    logits[0, 0] = 30.0
+    y = np.zeros(1, np.int32)
+    grad = ops.convert_to_numpy(backend.gradient(lambda l: ops.sum(attacks.per_example_loss(l, y, "ce")), logits))
+    p = math.exp(-30.0) / (1 + 9 * math.exp(-30.0))  # softmax of every wrong class
+    np.testing.assert_allclose(grad[0, 1:], p, rtol=1e-5)
+    np.testing.assert_allclose(grad[0, 0], -9 * p, rtol=1e-5)  # p_y - 1: exactly 0 in naive float32
+
+
+def test_check_adversarial():
+    x = np.full((2, 3), 0.5, np.float32)
+    attacks.check_adversarial(x + np.float32(0.1) + np.float32(5e-7), x, 0.1)  # float32 slack is fine
+    for bad, message in (
+        (x + 0.11, "exceeds eps"),
+        (np.full_like(x, 1.05), "exceeds eps"),
+        (np.where(np.eye(2, 3) > 0, np.nan, x), "non-finite"),
+    ):
+        with pytest.raises(attacks.AttackInvariantError, match=message):
+            attacks.check_adversarial(bad, x, 0.1)
+    with pytest.raises(attacks.AttackInvariantError, match="outside"):
+        attacks.check_adversarial(np.full_like(x, 1.05), np.ones_like(x), 0.1)
+
+
+# Invariants of the attacks.
+
+ATTACKS = {
+    "fgsm": lambda m, x, y, eps, **kw: attacks.fgsm(m, x, y, eps=eps, **kw),
+    "bim": lambda m, x, y, eps, **kw: attacks.bim(m, x, y, eps=eps, steps=3, **kw),
+    "pgd": lambda m, x, y, eps, **kw: attacks.pgd(m, x, y, eps=eps, steps=3, restarts=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("eps", [0.05, 0.5])
+def test_adversarial_examples_stay_in_ball_and_range(polarized_model, name, eps):
+    x, y = random_batch(6)
+    x_adv = ATTACKS[name](polarized_model, x, y, eps)
+    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
+    assert np.max(np.abs(x_adv.astype(np.float64) - x)) <= eps + attacks.INVARIANT_TOLERANCE
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert np.mean(x_adv != x) > 0.5  # It moved (the straight-through gradient is nonzero).
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("loss", attacks.LOSSES)
+def test_eps_zero_returns_x(cnn, name, loss):
+    x, y = random_batch(5)
+    np.testing.assert_array_equal(ATTACKS[name](cnn, x, y, 0.0, loss=loss), x)
+
+
+def test_fgsm_on_a_linear_model_is_the_hand_computed_step():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    b = np.array([0.1, -0.2, 0.3], np.float32)
+    model = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    model.set_weights([w, b])
+    x = np.array([[0.05, 0.5, 0.95, 0.3], [0.7, 0.0, 1.0, 0.2]], np.float32)
+    y = np.array([2, 0], np.int32)
+    logits = x.astype(np.float64) @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad_ce = (p - np.eye(3)[y]) @ w.T  # d CE / dx = W (softmax - onehot)
+    wrong = np.where(np.eye(3)[y] > 0, -np.inf, logits).argmax(1)
+    grad_cw = w.T[wrong] - w.T[y]  # d (l_j* - l_y) / dx
+    for loss, grad in (("ce", grad_ce), ("cw", grad_cw)):
+        assert np.min(np.abs(grad)) > 1e-3
+        expected = np.clip(x + np.float32(0.1) * np.sign(grad).astype(np.float32), 0, 1)
+        got = attacks.fgsm(model, x.reshape(2, 2, 2, 1), y, eps=0.1, loss=loss)
+        np.testing.assert_array_equal(got.reshape(2, 4), expected)
+
+
+def test_same_seed_same_result(cnn):
+    model = cnn
+    x, y = random_batch(7)
+    run = lambda seed: attacks.pgd(model, x, y, eps=EPS, steps=2, restarts=2, seed=seed, batch_size=4)
+    first = run(0)
+    np.testing.assert_array_equal(run(0), first)
+    assert not np.array_equal(run(1), first)
+
+
+def test_attack_is_traced_once_across_batches_and_settings():
+    model = tiny_cnn()
+    x, y = random_batch(25)
+    compiled = attacks.compiled_attack(model, "ce")
+    assert compiled.traces == 0
+    attacks.pgd(model, x, y, eps=EPS, steps=3, restarts=2, batch_size=10)  # 3 batches, the last padded
+    assert compiled.traces == 1
+    attacks.pgd(model, x, y, eps=0.2, step_size=0.05, steps=5, restarts=1, seed=4, batch_size=10)
+    attacks.bim(model, x, y, eps=0.3, steps=2, batch_size=10)
+    attacks.fgsm(model, x, y, eps=0.3, batch_size=10)
+    assert compiled.traces == 1
+    # Padding rows are not counted; PGD's second restart attacks only the examples not yet fooled.
+    single_restarts = 25 * 3 + 25 * 5 + 25 * 2 + 25
+    assert single_restarts <= compiled.image_steps <= single_restarts + 25 * 3
+    attacks.fgsm(model, x[:3], y[:3], eps=0.3, batch_size=10)  # fewer images than a batch: a new shape
+    assert compiled.traces == 2
+    assert attacks.compiled_attack(model, "ce") is compiled
+    assert attacks.compiled_attack(model, "cw") is not compiled
+
+
+def test_attack_sees_weight_changes_without_retracing():
+    model = tiny_cnn()
+    x, y = random_batch(4)
+    before = attacks.fgsm(model, x, y, eps=EPS)
+    model.set_weights([-w for w in model.get_weights()])
+    after = attacks.fgsm(model, x, y, eps=EPS)
+    assert attacks.compiled_attack(model).traces == 1
+    assert not np.array_equal(before, after)
+
+
+def test_attack_uses_the_saturated_model_and_restores_the_switch(polarized_model):
+    x, y = random_batch(6)
+    frontend = models.get_frontend(polarized_model)
+    assert frontend.saturating
+    on = attacks.bim(polarized_model, x, y, eps=EPS, steps=2)
+    with frontend.saturation(False):
+        off = attacks.bim(polarized_model, x, y, eps=EPS, steps=2)
+        assert not frontend.saturating
+    np.testing.assert_array_equal(off, on)
+
+
+@pytest.mark.parametrize("kind", ["polarized", "direct_quant"])
+def test_with_backward_copies_weights_and_outputs(kind):
+    model = polarized(kind)
+    assert attacks.with_backward(model, "identity") is model
+    smooth = attacks.with_backward(model, "smooth", steepness=16.0)
+    layers = [l for l in smooth.layers if hasattr(l, "backward")]
+    assert [(l.backward, l.steepness) for l in layers] == [("smooth", 16.0)]
+    x, y = random_batch(4)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(smooth(x)), ops.convert_to_numpy(model(x))
+    )
+
+    def input_gradient(m):
+        return ops.convert_to_numpy(backend.gradient(lambda v: ops.sum(attacks.per_example_loss(m(v), y)), x))
+
+    assert not np.allclose(input_gradient(smooth), input_gradient(model))
+
+
+def test_bad_arguments_raise_value_errors(cnn):
+    model = cnn
+    x, y = random_batch(2)
+    for kwargs, message in (
+        (dict(eps=-0.1), "eps"),
+        (dict(eps=0.1, restarts=3, random_start=False), "random_start"),
+        (dict(eps=0.1, steps=0), "steps"),
+        (dict(eps=0.1, loss="mse"), "loss"),
+        (dict(eps=0.1, batch_size=0), "batch_size"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            attacks.pgd(model, x, y, **kwargs)
+    with pytest.raises(ValueError, match="must lie in"):
+        attacks.fgsm(model, x * 2, y, eps=0.1)
+    with pytest.raises(ValueError, match="backward"):
+        attacks.with_backward(model, "straight")
+
+
+# Strength on a trained, undefended model.
+
+
+def test_iterative_attacks_beat_fgsm_and_restarts_never_help_the_model(trained_mlp):
+    model, x, y = trained_mlp
+    eps = 0.1
+    accuracy = lambda x_adv: models.accuracy(model, x_adv, y)
+    clean = accuracy(x)
+    fgsm = accuracy(attacks.fgsm(model, x, y, eps=eps))
+    bim = accuracy(attacks.bim(model, x, y, eps=eps, steps=10))
+    pgd = {r: attacks.pgd(model, x, y, eps=eps, steps=10, restarts=r, seed=0) for r in (1, 3)}
+    pgd_accuracy = {r: accuracy(x_adv) for r, x_adv in pgd.items()}
+    assert clean > 0.85 and fgsm < clean - 0.2
+    assert bim <= fgsm and pgd_accuracy[1] <= fgsm
+    assert pgd_accuracy[3] <= pgd_accuracy[1]
+    # Per example: whatever one restart fools, three restarts fool; the others keep the higher loss.
+    predicted = {r: models.predict_labels(model, x_adv) for r, x_adv in pgd.items()}
+    assert np.all((predicted[1] != y) <= (predicted[3] != y))
+    survivors = predicted[3] == y
+    losses = {r: ops.convert_to_numpy(attacks.per_example_loss(model(pgd[r]), y)) for r in pgd}
+    assert np.all(losses[3][survivors] >= losses[1][survivors])

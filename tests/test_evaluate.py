@@ -1,0 +1,167 @@
+"""Tests of polar_tf.evaluation and evaluate.py: settings, the report files, the plots, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import matplotlib.image
+import numpy as np
+import pytest
+
+from polar_tf import data, evaluation, models, runfiles
+from polar_tf.config import Config
+from polar_tf.frontend import PolarizingFrontEnd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(num_examples=10, steps=2, restarts=2, batch_size=10)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A polarized-model workdir holding a small front-end model with random weights (25 filters,
+    a small jump so that gradients flow, a small classifier: quick to compile on JAX too)."""
+    folder = str(tmp_path_factory.mktemp("runs") / "mnist_polarized")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    z = PolarizingFrontEnd(filters=25, jump=0.05, saturate=True, name="frontend")(inputs)
+    hidden = keras.layers.Conv2D(4, 5, strides=2, activation="relu")(z)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
+    runfiles.write_config(folder, Config(jump=0.05))
+    runfiles.save_model(model, os.path.join(folder, "stage3.keras"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    """A small undefended CNN (random weights) as a .keras file: quick to compile in a subprocess."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(4, 5, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+    path = str(tmp_path_factory.mktemp("tiny") / "model.keras")
+    runfiles.save_model(model, path)
+    return path
+
+
+def test_parse_eps_sweep():
+    sweep = evaluation.parse_eps_sweep("0:0.4:0.02")
+    assert len(sweep) == 21 and sweep[0] == 0.0 and sweep[-1] == 0.4 and sweep[15] == 0.3
+    assert evaluation.parse_eps_sweep("0.1:0.1:0.05") == (0.1,)
+    assert evaluation.parse_eps_sweep("0:0.25:0.1") == (0.0, 0.1, 0.2)
+    for bad in ("0:0.4", "a:b:c", "0.3:0.1:0.1", "0:0.4:0", "0:1.5:0.5", "0:0.4:0.1:1"):
+        with pytest.raises(ValueError, match="eps_sweep"):
+            evaluation.parse_eps_sweep(bad)
+
+
+def test_eval_config_defaults_and_validation():
+    config = evaluation.EvalConfig(dataset="fashion_mnist", eps_sweep=(0.2, 0.0))
+    assert config.eps == 0.1 and config.steps == 100 and config.restarts == 20
+    assert config.eps_values == [0.0, 0.1, 0.2]
+    assert config.step_size_at(0.2) == 0.02
+    assert evaluation.EvalConfig(step_size=0.05).step_size_at(0.3) == 0.05
+    for kwargs, message in (
+        (dict(attacks=("fgsm", "cw")), "attacks"),
+        (dict(attacks=()), "attacks"),
+        (dict(eps=1.5), "eps"),
+        (dict(steps=0), "steps"),
+        (dict(loss="mse"), "loss"),
+        (dict(backward="tanh"), "backward"),
+        (dict(dataset="cifar10"), "dataset"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluation.EvalConfig(**kwargs)
+
+
+def test_model_paths(workdir):
+    checkpoint = os.path.join(workdir, "stage3.keras")
+    assert evaluation.resolve_model_path(workdir) == checkpoint
+    assert evaluation.resolve_model_path(checkpoint) == checkpoint
+    assert evaluation.workdir_dataset(checkpoint) == "mnist"
+    assert evaluation.model_label(checkpoint) == "mnist_polarized/stage3"
+    with pytest.raises(runfiles.CheckpointError, match="does not exist"):
+        evaluation.resolve_model_path(os.path.join(workdir, "missing.keras"))
+
+
+def test_evaluate_writes_the_report_and_plots(workdir, tmp_path):
+    config = evaluation.EvalConfig(eps_sweep=(0.0, 0.1), **SMALL)
+    results = evaluation.evaluate([workdir], config, output_dir=str(tmp_path))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["models"][0]["accuracy"] == results["models"][0]["accuracy"]
+    (model,) = results["models"]
+    x, y = data.load("mnist", "test")
+    loaded = runfiles.load_model(os.path.join(workdir, "stage3.keras"))
+    assert model["clean_accuracy"] == models.accuracy(loaded, x[:10], y[:10])
+    assert sorted(model["accuracy"]) == ["bim", "fgsm", "pgd"]
+    assert len(model["runs"]) == 9  # 3 attacks at eps 0, 0.1 and 0.3
+    for run in model["runs"]:
+        assert 0.0 <= run["accuracy"] <= model["clean_accuracy"] or run["eps"] > 0
+        if run["eps"] == 0:
+            assert run["accuracy"] == model["clean_accuracy"]
+    pgd = [r for r in model["runs"] if r["attack"] == "pgd" and r["eps"] == 0.3][0]
+    assert (pgd["steps"], pgd["restarts"], pgd["random_start"]) == (2, 2, True)
+    assert pgd["step_size"] == pytest.approx(0.03)
+    assert results["backend"] == keras.backend.backend() and results["device"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| model | clean | FGSM | BIM | PGD |" in table
+    assert "| mnist_polarized/stage3 | " in table and "paper: polarizing front end" in table
+    assert "## Accuracy (%) against eps" in table
+    assert sorted(results["plots"]) == [
+        "accuracy_vs_eps.png", "adversarial_examples.png", "frontend_maps.png", "frontend_maps_attacked.png"
+    ]
+    for name in results["plots"]:
+        image = matplotlib.image.imread(str(tmp_path / name))
+        assert image.shape[0] > 200 and image.shape[1] > 200 and np.std(image) > 0
+
+
+def test_evaluate_rejects_bad_inputs(workdir, tmp_path):
+    config = evaluation.EvalConfig(**SMALL)
+    with pytest.raises(ValueError, match="required"):
+        evaluation.evaluate([], config)
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(runfiles.CheckpointError, match="not a .keras file"):
+        evaluation.evaluate([str(broken)], config)
+    with pytest.raises(ValueError, match="num_examples"):
+        evaluation.evaluate([workdir], evaluation.EvalConfig(num_examples=10**6))
+
+
+def _run_cli(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+
+
+def _last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+def test_cli_runs_and_prints_the_table(tiny_model_path, tmp_path):
+    done = _run_cli(
+        f"--model_path={tiny_model_path}", "--attacks=fgsm,pgd", "--num_examples=4",
+        "--steps=1", "--restarts=1", f"--output_dir={tmp_path}",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| model | clean | FGSM | PGD |" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["attacks"] == ["fgsm", "pgd"] and results["num_examples"] == 4
+    assert sorted(results["plots"]) == ["accuracy_vs_eps.png", "adversarial_examples.png"]  # no front end
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model_path=/nonexistent/model.keras"], "does not exist"),  # a user error in the run
+        (["--model_path=x.keras", "--loss=mse"], "loss"),  # a flag that absl rejects
+    ],
+)
+def test_cli_errors_are_one_line(args, message):
+    done = _run_cli(*args)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert _last_line(done.stderr).startswith("evaluate.py: error:") and message in _last_line(done.stderr)
