@@ -35,6 +35,7 @@ def build_model(config: Config) -> keras.Model:
 
     - "polarized": PolarizingFrontEnd (named "frontend") + the classifier.
     - "baseline": the classifier on the raw image (the undefended model).
+    - "adversarial": the same classifier; it differs in how it is trained (on PGD examples).
     - "direct_quant": the saturation applied to the pixels + the classifier.
 
     Weights are drawn from Keras' global seed: call `keras.utils.set_random_seed` first.

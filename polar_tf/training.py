@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import data, models, monitoring, plots, runfiles, schedule
+from polar_tf import attacks, data, models, monitoring, plots, runfiles, schedule
 from polar_tf.config import Config
 
 MONITOR_EXAMPLES = 1000  # the fixed batch of training images whose z TensorBoard shows
@@ -112,6 +112,9 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     order = epoch_permutation(config, epoch, len(x))
     x_epoch, y_epoch = x[order], y[order]
     start = time.perf_counter()
+    if config.model == "adversarial":
+        loss, accuracy = _adversarial_epoch(model, config, epoch, x_epoch, y_epoch)
+        return _epoch_record(phase, loss, accuracy, time.perf_counter() - start, len(x))
     history = model.fit(
         x_epoch,
         y_epoch,
@@ -128,18 +131,49 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
             f"the loss became {history.history['loss'][-1]} at epoch {epoch}, batch {stop.bad_step}; "
             "the checkpoints of earlier epochs are kept"
         )
+    return _epoch_record(phase, history.history["loss"][-1], history.history["accuracy"][-1], seconds, len(x))
+
+
+def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: float, images: int) -> dict:
     return {
-        "epoch": epoch,
+        "epoch": phase.epoch,
         "stage": phase.stage,
         "lr": phase.lr,
         "regularizer": phase.regularizer,
         "reg_weight": phase.reg_weight,
         "saturate": phase.saturate,
-        "loss": float(history.history["loss"][-1]),
-        "fit_accuracy": float(history.history["accuracy"][-1]),
+        "loss": float(loss),
+        "fit_accuracy": float(accuracy),
         "epoch_seconds": seconds,
-        "images_per_second": len(x) / seconds,
+        "images_per_second": images / seconds,
     }
+
+
+def adversarial_batch(model, config: Config, x: np.ndarray, y: np.ndarray, seed) -> np.ndarray:
+    """Madry et al.'s training input: PGD from a uniform random start in the eps-ball,
+    `adv_steps` steps of `adv_step_size` on the cross-entropy, against the current weights."""
+    noise = np.random.default_rng(seed).uniform(-1.0, 1.0, x.shape).astype(np.float32)
+    attack = attacks.compiled_attack(model, "ce")
+    x_adv, _, _ = attack(x, y, noise, config.eps, config.adv_step_size, config.adv_steps)
+    attacks.check_adversarial(x_adv, x, config.eps)
+    return x_adv
+
+
+def _adversarial_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """One epoch of adversarial training; returns the mean loss and accuracy on the PGD inputs."""
+    total_loss = total_correct = 0.0
+    for first in range(0, len(x), config.batch_size):
+        xb, yb = x[first : first + config.batch_size], y[first : first + config.batch_size]
+        x_adv = adversarial_batch(model, config, xb, yb, seed=[config.seed, epoch, first])
+        logs = model.train_on_batch(x_adv, yb, return_dict=True)
+        if not np.isfinite(logs["loss"]):
+            raise FloatingPointError(
+                f"the loss became {logs['loss']} at epoch {epoch}, batch {first // config.batch_size}; "
+                "the checkpoints of earlier epochs are kept"
+            )
+        total_loss += logs["loss"] * len(xb)
+        total_correct += logs["accuracy"] * len(xb)
+    return total_loss / len(x), total_correct / len(x)
 
 
 def _epoch_report(model, config: Config, record: dict, train, test, tensorboard) -> dict[str, Any]:

@@ -1,0 +1,58 @@
+"""Adversarial training (Madry et al.): the train step sees PGD examples within eps."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from polar_tf import models, training
+from polar_tf.config import Config
+
+
+def _loss(model, x, y):
+    logits = ops.convert_to_numpy(model(x))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(y)), y]))
+
+
+def test_adversarial_epoch_trains_on_pgd_examples_within_eps(mnist):
+    (x_train, y_train), _ = mnist
+    x, y = x_train[:128], y_train[:128]
+    config = Config(model="adversarial", epochs_per_stage=1, adv_steps=5, batch_size=64)
+    assert config.eps == 0.3 and config.adv_step_size == pytest.approx(0.01)
+    keras.utils.set_random_seed(0)
+    model = models.build_model(config)
+    training.compile_for_stage(model, config, 1)
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0)  # a model worth attacking
+
+    seen = []
+    real_train_on_batch = model.train_on_batch
+
+    def spy(x_batch, y_batch, **kwargs):
+        seen.append((np.array(x_batch), np.array(y_batch), _loss(model, x_batch, y_batch)))
+        return real_train_on_batch(x_batch, y_batch, **kwargs)
+
+    model.train_on_batch = spy
+    record = training.train_epoch(model, config, 0, x, y)
+    assert len(seen) == 2 and np.isfinite(record["loss"])
+    order = training.epoch_permutation(config, 0, len(x))
+    for i, (x_adv, y_batch, adv_loss) in enumerate(seen):
+        clean = x[order][i * 64 : (i + 1) * 64]
+        np.testing.assert_array_equal(y_batch, y[order][i * 64 : (i + 1) * 64])
+        distance = np.abs(x_adv - clean)
+        assert distance.max() <= 0.3 + 1e-6 and x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+        assert distance.mean() > 0.05  # really perturbed, not the clean batch
+    # The perturbation is adversarial: PGD raises the loss beyond its own random start.
+    x_adv0 = training.adversarial_batch(model, config, x[:64], y[:64], seed=[0, 0, 0])
+    noise = np.random.default_rng([0, 0, 0]).uniform(-1.0, 1.0, x[:64].shape).astype(np.float32)
+    random_start = np.clip(x[:64] + 0.3 * noise, 0.0, 1.0)
+    assert _loss(model, x_adv0, y[:64]) > _loss(model, random_start, y[:64]) + 0.1
+    assert _loss(model, random_start, y[:64]) > _loss(model, x[:64], y[:64])
+
+
+def test_fashion_mnist_settings():
+    config = Config(dataset="fashion_mnist", model="adversarial")
+    assert (config.eps, config.adv_steps) == (0.1, 40)
+    assert config.adv_step_size == pytest.approx(0.1 / 30)
+    with pytest.raises(ValueError, match="Received: adv_steps=0"):
+        Config(model="adversarial", adv_steps=0)
