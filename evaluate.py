@@ -36,6 +36,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("loss", "ce", list(attacks.LOSSES), "Attack loss: ce (cross-entropy) or cw (margin).")
     flags.DEFINE_enum("backward", "identity", list(BACKWARDS), "Gradient through the saturation: identity (BPDA) or smooth.")
     flags.DEFINE_float("steepness", None, "Steepness of the smooth backward pass (default: the model's).")
+    flags.DEFINE_bool("certify", False, "Also report certified accuracy (a sound lower bound) at every eps.")
     flags.DEFINE_string("output_dir", None, "Where results and plots go (default: the first model's folder).")
 
 
@@ -70,6 +71,7 @@ def main(argv):
             backward=FLAGS.backward,
             steepness=FLAGS.steepness,
             seed=FLAGS.seed,
+            certify=FLAGS.certify,
         )
         results = evaluation.evaluate(
             FLAGS.model_path or [], config, FLAGS.output_dir, FLAGS.data_dir, command=" ".join(sys.argv)

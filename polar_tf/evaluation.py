@@ -29,7 +29,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, data, models, plots, runfiles
+from polar_tf import attacks, backend, certify, data, models, plots, runfiles
 from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
 from polar_tf.frontend import saturate
@@ -69,6 +69,8 @@ class EvalConfig:
       backward: the saturation's gradient in the attack: "identity" (BPDA) or "smooth".
       steepness: slope of the smooth backward pass; None keeps the model's.
       seed: seeds PGD's random starts.
+      certify: also compute certified accuracy (a sound lower bound, `polar_tf.certify`) at
+        every eps, and check per example that no certified image is broken by any attack.
     """
 
     dataset: str = "mnist"
@@ -84,6 +86,7 @@ class EvalConfig:
     backward: str = "identity"
     steepness: float | None = None
     seed: int = 0
+    certify: bool = False
 
     def __post_init__(self):
         _check_choice("dataset", self.dataset, DATASETS)
@@ -247,10 +250,13 @@ def evaluate(
 def _evaluate_model(model, path, label, x, y, config: EvalConfig):
     """All attacks at all eps on one model; returns its record and the strongest attack's images."""
     target = attacks.with_backward(model, config.backward, config.steepness)
-    clean = models.accuracy(model, x, y)
+    clean_correct = models.correct(model, x, y)
+    clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
     runs, adversarial = [], None
+    survives = {}  # eps -> per example, correct under every attack run at that eps
     for eps in config.eps_values:
+        survives[eps] = clean_correct.copy()
         for name in config.attacks:
             compiled = attacks.compiled_attack(target, config.loss)
             steps_before, start = compiled.image_steps, time.perf_counter()
@@ -258,7 +264,9 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig):
             x_adv = x.copy() if eps == 0 else run_attack(name, target, x, y, eps, config)
             seconds = time.perf_counter() - start
             image_steps = compiled.image_steps - steps_before
-            accuracy = models.accuracy(model, x_adv, y)
+            correct = models.correct(model, x_adv, y)
+            survives[eps] &= correct
+            accuracy = float(np.mean(correct))
             logging.info("%s: %s eps=%g accuracy %.4f (%.1f s)", label, name, eps, accuracy, seconds)
             runs.append({
                 "attack": name,
@@ -281,7 +289,39 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig):
         "seconds": {r["attack"]: r["seconds"] for r in at_eps},
         "runs": runs,
     }
+    if config.certify:
+        record["certified"] = [_certify_and_check(model, label, x, y, eps, survives[eps]) for eps in config.eps_values]
     return record, adversarial
+
+
+class CertificateViolation(RuntimeError):
+    """An attack broke a certified example: a bug in the certificate or in the attack."""
+
+
+def _certify_and_check(model, label: str, x, y, eps: float, survives: np.ndarray) -> dict[str, Any]:
+    """Certified accuracy at eps; fails loudly if any certified example did not survive every attack."""
+    start = time.perf_counter()
+    result = certify.certify(model, x, y, eps)
+    broken = np.flatnonzero(result.certified_ibp & ~survives)
+    if broken.size:
+        raise CertificateViolation(
+            f"{label}: {broken.size} examples certified at eps={eps} were broken by an attack "
+            f"(first indices {broken[:10].tolist()}); the certificate or the attack is wrong"
+        )
+    summary = result.summary()
+    summary["seconds"] = time.perf_counter() - start
+    summary["checked_against_attacks"] = True
+    logging.info("%s: certified accuracy at eps=%g: %s (%.1f s)", label, eps, summary["certified_accuracy"], summary["seconds"])
+    return summary
+
+
+def _certified_at(model_record: dict[str, Any], eps: float) -> tuple[str, float] | None:
+    """(label of the interval certificate, certified accuracy) of a model at eps, if computed."""
+    for entry in model_record.get("certified", []):
+        if entry["eps"] == eps:
+            (name, value), = [(k, v) for k, v in entry["certified_accuracy"].items() if k.startswith("interval_from_")]
+            return name.replace("_", " "), value
+    return None
 
 
 def _settings(name: str, config: EvalConfig, eps: float) -> dict[str, Any]:
@@ -366,6 +406,10 @@ def _curves(results: dict[str, Any]) -> dict[str, tuple[list[float], list[float]
             eps = sorted(points)
             key = f"{model['label']}: {ATTACK_NAMES[name]}" if many else ATTACK_NAMES[name]
             curves[key] = (eps, [points[e] for e in eps])
+        if model.get("certified"):
+            eps = [entry["eps"] for entry in model["certified"]]
+            key = f"{model['label']}: certified" if many else "certified (lower bound)"
+            curves[key] = (eps, [_certified_at(model, e)[1] for e in eps])
     return curves
 
 
@@ -373,17 +417,24 @@ def results_markdown(results: dict[str, Any]) -> str:
     """results.md: the paper's table for these models, the settings, and the sweep if any."""
     config = results["config"]
     names = config["attacks"]
+    certified = config.get("certify", False)
     lines = [
         f"# Robustness on {results['dataset']}, eps = {results['eps']:g}",
         "",
         "Accuracy (%) of the saturated model on the first "
-        f"{results['num_examples']} test images, L-inf attacks, pixels in [0, 1].",
+        f"{results['num_examples']} test images, L-inf attacks, pixels in [0, 1]."
+        + (" Certified: a sound lower bound on robust accuracy (interval bound propagation from"
+           " the saturating first layer, else from the input box), checked per example against"
+           " every attack." if certified else ""),
         "",
-        "| model | clean | " + " | ".join(ATTACK_NAMES[n] for n in names) + " |",
-        "|---" * (len(names) + 2) + "|",
+        "| model | clean | " + " | ".join(ATTACK_NAMES[n] for n in names) + (" | certified |" if certified else " |"),
+        "|---" * (len(names) + 2 + certified) + "|",
     ]
     for model in results["models"]:
         cells = [_percent(model["clean_accuracy"])] + [_percent(model["accuracy"][n]) for n in names]
+        if certified:
+            source, value = _certified_at(model, results["eps"])
+            cells.append(f"{_percent(value)} ({source})")
         lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
     paper = PAPER_RESULTS.get(results["dataset"])
     if paper and results["eps"] == DEFAULT_EPS[results["dataset"]]:
@@ -415,6 +466,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             for n in names:
                 by_eps = {r["eps"]: r["accuracy"] for r in model["runs"] if r["attack"] == n}
                 lines.append(f"| {model['label']} | {ATTACK_NAMES[n]} | " + " | ".join(_percent(by_eps[e]) for e in sweep) + " |")
+            if certified:
+                lines.append(f"| {model['label']} | certified | "
+                             + " | ".join(_percent(_certified_at(model, e)[1]) for e in sweep) + " |")
     return "\n".join(lines) + "\n"
 
 

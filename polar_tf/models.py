@@ -90,10 +90,15 @@ def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 1000) ->
     return np.argmax(logits, axis=-1)
 
 
-def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
-    """Accuracy of the model as evaluated: with the front end's saturation on, always."""
+def correct(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Per example, whether the model as evaluated (front-end saturation on, always) is right."""
     frontend = get_frontend(model)
     if frontend is None:
-        return float(np.mean(predict_labels(model, x, batch_size) == y))
+        return predict_labels(model, x, batch_size) == y
     with frontend.saturation(True):
-        return float(np.mean(predict_labels(model, x, batch_size) == y))
+        return predict_labels(model, x, batch_size) == y
+
+
+def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
+    """Accuracy of the model as evaluated: with the front end's saturation on, always."""
+    return float(np.mean(correct(model, x, y, batch_size)))

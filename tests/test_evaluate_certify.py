@@ -1,0 +1,67 @@
+"""evaluate --certify: certified accuracy beside the attacks, checked per example."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from polar_tf import certify, evaluation, models, runfiles, training
+from polar_tf.config import Config
+
+
+@pytest.fixture(scope="module")
+def polarized_checkpoint(tmp_path_factory, mnist):
+    """A polarized model whose front end picks single pixels (as trained front ends converge to),
+    with the classifier trained for a few seconds on the saturated outputs."""
+    (x_train, y_train), _ = mnist
+    config = Config(epochs_per_stage=1)
+    keras.utils.set_random_seed(0)
+    model = models.build_model(config)
+    frontend = models.get_frontend(model)
+    kernel = np.zeros((5, 5, 1, 25), np.float32)
+    for k in range(25):
+        kernel[k // 5, k % 5, 0, k] = 1.0 if k % 2 == 0 else -1.0
+    frontend.kernel.assign(kernel)
+    training.compile_for_stage(model, config, 3)
+    frontend.set_saturation(True)
+    model.fit(x_train[:3000], y_train[:3000], batch_size=64, epochs=2, verbose=0)
+    path = str(tmp_path_factory.mktemp("model") / "model.keras")
+    runfiles.save_model(model, path)
+    return path
+
+
+def _evaluate(path, tmp_path, **overrides):
+    config = evaluation.EvalConfig(
+        dataset="mnist", attacks=("fgsm", "pgd"), steps=5, restarts=2, num_examples=100,
+        eps=0.05, eps_sweep=(0.0, 0.01), certify=True, **overrides,
+    )
+    return evaluation.evaluate([path], config, output_dir=str(tmp_path))
+
+
+def test_certified_accuracy_is_reported_and_below_every_attack(polarized_checkpoint, tmp_path):
+    results = _evaluate(polarized_checkpoint, tmp_path)
+    (model,) = results["models"]
+    certified = {e["eps"]: e["certified_accuracy"]["interval_from_frontend"] for e in model["certified"]}
+    assert sorted(certified) == [0.0, 0.01, 0.05]
+    assert all(e["checked_against_attacks"] for e in model["certified"])
+    values = [certified[e] for e in sorted(certified)]
+    assert values == sorted(values, reverse=True) and values[1] > 0.2  # monotone, and not vacuous
+    for run in model["runs"]:
+        assert certified[run["eps"]] <= run["accuracy"]
+    with open(os.path.join(tmp_path, "results.md")) as f:
+        text = f.read()
+    assert "| certified |" in text and "(interval from frontend)" in text
+
+
+def test_a_certificate_broken_by_an_attack_fails_loudly(polarized_checkpoint, tmp_path, monkeypatch):
+    real = certify.certify
+
+    def overclaiming(model, x, y, eps, **kwargs):
+        result = real(model, x, y, eps, **kwargs)
+        everything = np.ones_like(result.certified_ibp)
+        return type(result)(**{**result.__dict__, "certified_ibp": everything})
+
+    monkeypatch.setattr(certify, "certify", overclaiming)
+    with pytest.raises(evaluation.CertificateViolation, match="were broken by an attack"):
+        _evaluate(polarized_checkpoint, tmp_path)
