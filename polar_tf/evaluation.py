@@ -315,7 +315,7 @@ def _certify_and_check(model, label: str, x, y, eps: float, survives: np.ndarray
     return summary
 
 
-def _certified_at(model_record: dict[str, Any], eps: float) -> tuple[str, float] | None:
+def certified_at(model_record: dict[str, Any], eps: float) -> tuple[str, float] | None:
     """(label of the interval certificate, certified accuracy) of a model at eps, if computed."""
     for entry in model_record.get("certified", []):
         if entry["eps"] == eps:
@@ -409,7 +409,7 @@ def _curves(results: dict[str, Any]) -> dict[str, tuple[list[float], list[float]
         if model.get("certified"):
             eps = [entry["eps"] for entry in model["certified"]]
             key = f"{model['label']}: certified" if many else "certified (lower bound)"
-            curves[key] = (eps, [_certified_at(model, e)[1] for e in eps])
+            curves[key] = (eps, [certified_at(model, e)[1] for e in eps])
     return curves
 
 
@@ -433,7 +433,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     for model in results["models"]:
         cells = [_percent(model["clean_accuracy"])] + [_percent(model["accuracy"][n]) for n in names]
         if certified:
-            source, value = _certified_at(model, results["eps"])
+            source, value = certified_at(model, results["eps"])
             cells.append(f"{_percent(value)} ({source})")
         lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
     paper = PAPER_RESULTS.get(results["dataset"])
@@ -468,7 +468,7 @@ def results_markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {model['label']} | {ATTACK_NAMES[n]} | " + " | ".join(_percent(by_eps[e]) for e in sweep) + " |")
             if certified:
                 lines.append(f"| {model['label']} | certified | "
-                             + " | ".join(_percent(_certified_at(model, e)[1]) for e in sweep) + " |")
+                             + " | ".join(_percent(certified_at(model, e)[1]) for e in sweep) + " |")
     return "\n".join(lines) + "\n"
 
 
