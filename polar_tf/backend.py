@@ -106,6 +106,7 @@ def compile_attack_loop(
     start: Callable,
     update: Callable,
     on_trace: Callable[[], None],
+    jax_whole_loop: bool | None = None,
 ) -> Callable:
     """Compiles an iterative attack on `model`: the whole loop, traced once per input shape.
 
@@ -130,6 +131,8 @@ def compile_attack_loop(
       start: (x, noise, eps) -> x_0.
       update: (x_t, gradient, x, eps, step_size) -> x_{t+1}.
       on_trace: called each time a compiled function is traced (Python side effect).
+      jax_whole_loop: on JAX, True compiles the loop with `fori_loop`, False loops in Python over
+        a jitted step; None picks by device (the whole loop on accelerators). Ignored on TensorFlow.
 
     The compiled functions hold the model weakly, so a cache of them keyed on the model does not
     keep it alive.
@@ -143,7 +146,9 @@ def compile_attack_loop(
     if backend == "tensorflow":
         return _tf_attack_loop(model_ref, objective, start, update, on_trace)
     if backend == "jax":
-        return _jax_attack_loop(model_ref, objective, start, update, on_trace)
+        if jax_whole_loop is None:
+            jax_whole_loop = on_accelerator()
+        return _jax_attack_loop(model_ref, objective, start, update, on_trace, jax_whole_loop)
     raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
 
 
@@ -194,7 +199,7 @@ def _tf_attack_loop(model_ref, objective, start, update, on_trace):
     return run
 
 
-def _jax_attack_loop(model_ref, objective, start, update, on_trace):
+def _jax_attack_loop(model_ref, objective, start, update, on_trace, whole_loop: bool):
     import jax
     import jax.numpy as jnp
 
@@ -218,7 +223,7 @@ def _jax_attack_loop(model_ref, objective, start, update, on_trace):
             jnp.asarray(step_size, jnp.float32),
         )
 
-    if jax.default_backend() != "cpu":
+    if whole_loop:
 
         @jax.jit
         def loop(trainable, non_trainable, x, y, noise, eps, step_size, steps):

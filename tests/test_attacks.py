@@ -200,6 +200,26 @@ def test_attack_is_traced_once_across_batches_and_settings():
     assert attacks.compiled_attack(model, "cw") is not compiled
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's two ways of compiling the loop")
+def test_jax_whole_loop_and_python_loop_agree(cnn):
+    """The accelerator path (one jit with fori_loop) checked on the CPU against the CPU path."""
+    x, y = random_batch(6)
+    noise = np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
+    outputs = []
+    for whole_loop in (True, False):
+        run = backend.compile_attack_loop(
+            cnn,
+            objective=lambda logits, labels: attacks.per_example_loss(logits, labels),
+            start=lambda x, noise, eps: attacks.project(x + eps * noise, x, eps),
+            update=lambda x_t, g, x, eps, a: attacks.project(x_t + a * ops.sign(g), x, eps),
+            on_trace=lambda: None,
+            jax_whole_loop=whole_loop,
+        )
+        outputs.append(run(x, y, noise, EPS, EPS / 4, 5))
+    for whole, stepped in zip(*outputs):
+        np.testing.assert_allclose(whole, stepped, rtol=1e-5, atol=1e-6)
+
+
 def test_attack_sees_weight_changes_without_retracing():
     model = tiny_cnn()
     x, y = random_batch(4)
