@@ -4,18 +4,21 @@ r"""Attacks trained models with FGSM, BIM and PGD; writes a robustness report an
   python evaluate.py --model_path=runs/fashion_mnist_polarized --dataset=fashion_mnist \
       --attacks=fgsm,bim,pgd --eps=0.1 --restarts=20 --steps=100
   python evaluate.py --model_path=a.keras,b.keras --dataset=mnist --eps_sweep=0:0.4:0.02 --num_examples=1000
+  python evaluate.py --suite=adaptive --model_path=runs/mnist_polarized --transfer_from=runs/mnist_baseline
 
 Writes results.json, results.md and PNG figures into --output_dir (default: the folder of the
 first model) and prints the table. For a model inside a training workdir, --dataset defaults
 to the workdir's dataset. The paper's protocol is the default: eps 0.3 (MNIST) or 0.1
 (Fashion-MNIST), 100 steps of eps/10, PGD with 20 restarts, all 10,000 test images.
+--suite=adaptive runs `polar_tf.adaptive` instead (FGSM, PGD, APGD-CE/DLR per backward pass, Square,
+transfer, noise; the per-example worst case; gradient-masking checks) into <model folder>/adaptive/.
 """
 
 import sys
 
 from absl import app, flags
 
-from polar_tf import attacks, cli, evaluation
+from polar_tf import adaptive, attacks, cli, evaluation
 from polar_tf.config import BACKWARDS
 
 FLAGS = flags.FLAGS
@@ -38,6 +41,16 @@ def define_flags() -> None:
     flags.DEFINE_float("steepness", None, "Steepness of the smooth backward pass (default: the model's).")
     flags.DEFINE_bool("certify", False, "Also report certified accuracy (a sound lower bound) at every eps.")
     flags.DEFINE_string("output_dir", None, "Where results and plots go (default: the first model's folder).")
+    # --suite=adaptive (polar_tf.adaptive); it reads --eps, --steps, --restarts (PGD), --num_examples,
+    # --batch_size, --steepness and --seed too, and ignores --attacks, --loss, --backward, --eps_sweep.
+    flags.DEFINE_enum("suite", "standard", ["standard", "adaptive"], "standard: the paper's attacks; adaptive: every attack, worst case, masking checks.")
+    flags.DEFINE_list("backwards", list(BACKWARDS), "Adaptive suite: backward passes each gradient attack runs with.")
+    flags.DEFINE_integer("apgd_iterations", 100, "Adaptive suite: APGD iterations.")
+    flags.DEFINE_integer("apgd_restarts", 1, "Adaptive suite: APGD restarts.")
+    flags.DEFINE_integer("square_queries", 5000, "Adaptive suite: Square attack query budget per example.")
+    flags.DEFINE_float("square_p_init", 0.05, "Adaptive suite: Square attack initial square size (fraction of pixels).")
+    flags.DEFINE_string("transfer_from", None, "Adaptive suite: a model (.keras or workdir) whose PGD examples are transferred.")
+    flags.DEFINE_integer("check_examples", 1000, "Adaptive suite: examples of the eps-to-0.5 and doubled-budget checks.")
 
 
 def parse_flags(argv):
@@ -57,6 +70,9 @@ def main(argv):
         if not FLAGS["dataset"].present and FLAGS.model_path:
             # A workdir knows its dataset: --dataset is needed only to evaluate on another one.
             dataset = evaluation.workdir_dataset(FLAGS.model_path[0]) or dataset
+        if FLAGS.suite == "adaptive":
+            run_adaptive(dataset)
+            return
         config = evaluation.EvalConfig(
             dataset=dataset,
             attacks=tuple(FLAGS.attacks),
@@ -80,6 +96,21 @@ def main(argv):
         print(f"\nResults and plots in {results['output_dir']}")
 
     cli.run_main(PROGRAM, body)
+
+
+def run_adaptive(dataset: str) -> None:
+    config = adaptive.AdaptiveConfig(
+        dataset=dataset, eps=FLAGS.eps, num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed, backwards=tuple(FLAGS.backwards), steepness=FLAGS.steepness, pgd_steps=FLAGS.steps,
+        pgd_restarts=FLAGS.restarts, apgd_iterations=FLAGS.apgd_iterations, apgd_restarts=FLAGS.apgd_restarts,
+        square_queries=FLAGS.square_queries, square_p_init=FLAGS.square_p_init, transfer_from=FLAGS.transfer_from,
+        check_examples=FLAGS.check_examples,
+    )
+    results = adaptive.evaluate_adaptive(
+        FLAGS.model_path or [], config, FLAGS.output_dir, FLAGS.data_dir, command=" ".join(sys.argv)
+    )
+    print(adaptive.results_markdown(results), end="")
+    print(f"\nResults in {results['output_dir']}")
 
 
 if __name__ == "__main__":

@@ -261,3 +261,75 @@ def _jax_attack_loop(model_ref, objective, start, update, on_trace, whole_loop: 
         return np.asarray(x_adv), np.asarray(losses), np.asarray(logits)
 
     return run
+
+
+def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[[], None]) -> Callable:
+    """Compiles `fn(forward, value_and_grad, *args)` on `model`, traced once per argument shape.
+
+    Inside `fn` (written with keras.ops), `forward(x)` returns the logits and
+    `value_and_grad(objective, x, y)` returns (objective(logits, y), logits, d sum(objective) / dx)
+    (zero where the loss does not depend on x), both with the model's variable values read at each
+    call and passed in as arguments (`model.stateless_call`), so a changed weight or switch needs no
+    retrace. TensorFlow: a `tf.function` (XLA only on a GPU, as `compile_attack_loop`); JAX: one
+    `jax.jit`. The compiled function holds the model weakly.
+
+    Args:
+      model: a built Keras model from inputs to logits.
+      fn: the computation; its extra arguments are arrays or (nested) tuples of arrays.
+      on_trace: called each time the function is traced (Python side effect).
+
+    Returns:
+      run(*args) -> fn's outputs as backend tensors, which a Python loop can pass back in without a
+      copy to the host (`keras.ops.convert_to_numpy` for NumPy). Pass NumPy scalars, not Python
+      numbers, so that a new value is not a new trace.
+    """
+    backend = name()
+    model_ref = weakref.ref(model)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=on_accelerator())
+        def tf_compiled(trainable, non_trainable, args):
+            on_trace()
+
+            def value_and_grad(objective, x, y):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    logits = _forward(model_ref, trainable, non_trainable, x)
+                    losses = objective(logits, y)
+                    total = tf.reduce_sum(losses)
+                gradient = tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                return losses, logits, gradient
+
+            return fn(lambda x: _forward(model_ref, trainable, non_trainable, x), value_and_grad, *args)
+
+        def tf_run(*args):
+            trainable, non_trainable = _variable_values(model_ref)
+            return tf_compiled(trainable, non_trainable, tf.nest.map_structure(tf.convert_to_tensor, args))
+
+        return tf_run
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        @jax.jit
+        def jax_compiled(trainable, non_trainable, args):
+            on_trace()
+
+            def value_and_grad(objective, x, y):
+                def total(x):
+                    logits = _forward(model_ref, trainable, non_trainable, x)
+                    losses = objective(logits, y)
+                    return jnp.sum(losses), (losses, logits)
+
+                (_, (losses, logits)), gradient = jax.value_and_grad(total, has_aux=True)(x)
+                return losses, logits, gradient
+
+            return fn(lambda x: _forward(model_ref, trainable, non_trainable, x), value_and_grad, *args)
+
+        def jax_run(*args):
+            trainable, non_trainable = _variable_values(model_ref)
+            return jax_compiled(trainable, non_trainable, jax.tree_util.tree_map(jnp.asarray, args))
+
+        return jax_run
+    raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")

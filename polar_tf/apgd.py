@@ -1,0 +1,269 @@
+"""Auto-PGD (Croce & Hein 2020): APGD-CE and APGD-DLR, the white-box core of AutoAttack, L-inf.
+
+    x_adv = apgd(model, x, y, eps=0.3)                        # APGD-CE, 100 iterations, 1 restart
+    x_adv = apgd(model, x, y, eps=0.3, loss="dlr")            # APGD with the DLR loss
+    x_adv = apgd(with_backward(model, "smooth"), x, y, eps=0.3)
+
+Algorithm 1 of the paper, as their reference implementation runs it:
+  - start from a uniform random point of the eps-ball; step size eta = 2 eps for every example;
+  - each iteration: z = P(x_k + eta sign(grad)), x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))
+    with momentum a = 0.75 (a = 1 at the first iteration), P the projection onto the eps-ball
+    and the pixel range;
+  - checkpoints after 22, 19, 16, ... iterations (p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), as integers: the reference's
+    k_1 = 0.22 n, k_{j+1} = max(k_j - 0.03 n, 0.06 n)). At a checkpoint an example's step size is
+    halved, and it restarts from its best point (with the gradient there), if (a) its loss
+    increased in at most rho = 0.75 of the iterations since the last checkpoint, or (b) its step
+    size was not halved at the last checkpoint and its best loss has not improved since.
+All of this state (step size, counters, best points) is per example. One iteration is one
+compiled function (`backend.compile_model_function`), traced once per batch shape, called in a
+Python loop; the state stays on the device between calls.
+
+Losses (maximized): "ce" is `attacks.per_example_loss(..., "ce")`; "dlr" is the difference of
+logits ratio -(z_y - max_{i != y} z_i) / max(z_pi1 - z_pi3, 1e-12), z_pi1 >= z_pi2 >= z_pi3 the
+three largest logits: invariant to shifting and scaling the logits.
+
+Result per example: the last point that fooled the model if any did, else the point of highest
+loss. As in the reference, examples the model already misclassifies are returned unchanged (x
+itself is adversarial); restarts after the first attack only the examples not yet fooled, from a
+new random start, and keep per example the restart that fooled it or else the one of highest loss;
+the start of example i in restart r depends only on (seed, r, i).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import keras
+import numpy as np
+from absl import logging
+from keras import ops
+
+from polar_tf import attacks, backend, models
+
+LOSSES = ("ce", "dlr")
+DEFAULT_ITERATIONS = 100
+MOMENTUM = 0.75
+RHO = 0.75
+_DLR_EPSILON = 1e-12
+
+
+def dlr_loss(logits, y):
+    """The untargeted difference-of-logits-ratio loss per example, [batch] (to be maximized)."""
+    num_classes = logits.shape[-1]
+    onehot = ops.one_hot(ops.cast(y, "int32"), num_classes, dtype=logits.dtype)
+    true_logit = ops.sum(logits * onehot, axis=-1)
+    best_other = ops.max(ops.where(onehot > 0, -1e30, logits), axis=-1)
+    top3 = ops.top_k(logits, 3, sorted=True)[0]
+    # max(., 1e-12) rather than the reference's + 1e-12: TensorFlow's graph optimizer may
+    # reassociate (a - b) + 1e-12 into a - (b - 1e-12), which is 0 / 0 when a == b in float32.
+    return -(true_logit - best_other) / ops.maximum(top3[:, 0] - top3[:, 2], _DLR_EPSILON)
+
+
+def objective(loss: str):
+    """The per-example loss function (logits, y) -> [batch] that `loss` names."""
+    if loss == "dlr":
+        return dlr_loss
+    if loss == "ce":
+        return lambda logits, y: attacks.per_example_loss(logits, y, "ce")
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
+
+
+def checkpoints(iterations: int) -> list[tuple[int, int]]:
+    """(iteration index after which a checkpoint falls, iterations since the previous one).
+
+    The reference's integer schedule: windows of max(0.22 n, 1), then each max(0.03 n, 1) shorter,
+    down to max(0.06 n, 1). For n = 100: after iterations 22, 41, 57, 70, 80, 87, 93, 99 (1-based).
+    """
+    window = max(int(0.22 * iterations), 1)
+    shrink, shortest = max(int(0.03 * iterations), 1), max(int(0.06 * iterations), 1)
+    points, done = [], 0
+    while done + window <= iterations:
+        done += window
+        points.append((done - 1, window))
+        window = max(window - shrink, shortest)
+    return points
+
+
+def _rows(flag, like):
+    """A [batch] flag shaped to broadcast against `like` [batch, ...]."""
+    return ops.reshape(flag, (-1,) + (1,) * (len(like.shape) - 1))
+
+
+class CompiledAPGD:
+    """APGD's compiled start and iteration for one model, loss and clip range.
+
+    Attributes:
+      traces: times its compiled functions were traced (two per batch shape).
+      image_steps: gradient evaluations so far, summed over the (unpadded) images attacked.
+    """
+
+    def __init__(self, model: keras.Model, loss: str = "ce", clip_min: float = 0.0, clip_max: float = 1.0):
+        loss_fn = objective(loss)
+        self.loss = loss
+        self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.traces = 0
+        self.image_steps = 0
+
+        def project(x_adv, x, eps):
+            return attacks.project(x_adv, x, eps, self.clip_min, self.clip_max)
+
+        def start(forward, value_and_grad, x, y, noise, eps):
+            x_adv = project(x + eps * noise, x, eps)
+            losses, logits, gradient = value_and_grad(loss_fn, x_adv, y)
+            fooled = ops.argmax(logits, axis=-1) != ops.cast(y, "int32")
+            ones = ops.ones_like(losses)
+            # x_adv, x_previous, gradient, loss, x_best, loss_best, gradient_best, x_fooled, fooled,
+            # step, increases, loss_best_at_check, reduced_at_check.
+            return (x_adv, x_adv, gradient, losses, x_adv, losses, gradient, x_adv, fooled,
+                    2.0 * eps * ones, 0.0 * ones, losses, ones)
+
+        def iterate(forward, value_and_grad, state, x, y, eps, momentum, at_check, window):
+            (x_k, x_prev, gradient, loss_k, x_best, loss_best, gradient_best, x_fooled, fooled,
+             step, increases, best_at_check, reduced_at_check) = state
+            z = project(x_k + _rows(step, x_k) * ops.sign(gradient), x, eps)
+            x_next = project(x_k + momentum * (z - x_k) + (1.0 - momentum) * (x_k - x_prev), x, eps)
+            loss_next, logits, gradient_next = value_and_grad(loss_fn, x_next, y)
+            wrong = ops.argmax(logits, axis=-1) != ops.cast(y, "int32")
+            x_fooled = ops.where(_rows(wrong, x_next), x_next, x_fooled)
+            fooled = ops.logical_or(fooled, wrong)
+            increases = increases + ops.cast(loss_next > loss_k, increases.dtype)
+            better = loss_next > loss_best
+            x_best = ops.where(_rows(better, x_next), x_next, x_best)
+            gradient_best = ops.where(_rows(better, x_next), gradient_next, gradient_best)
+            loss_best = ops.where(better, loss_next, loss_best)
+            # Checkpoint (at_check is 1 after the iterations `checkpoints` lists, else 0).
+            oscillating = increases <= window * RHO
+            stalled = ops.logical_and(reduced_at_check < 0.5, best_at_check >= loss_best)
+            reduce = ops.logical_and(at_check > 0.5, ops.logical_or(oscillating, stalled))
+            step = ops.where(reduce, 0.5 * step, step)
+            x_new = ops.where(_rows(reduce, x_next), x_best, x_next)
+            gradient_new = ops.where(_rows(reduce, x_next), gradient_best, gradient_next)
+            checking = at_check > 0.5
+            reduced_at_check = ops.where(checking, ops.cast(reduce, step.dtype), reduced_at_check)
+            best_at_check = ops.where(checking, loss_best, best_at_check)
+            increases = ops.where(checking, 0.0 * increases, increases)
+            return (x_new, x_next, gradient_new, loss_next, x_best, loss_best, gradient_best, x_fooled, fooled,
+                    step, increases, best_at_check, reduced_at_check)
+
+        self._start = backend.compile_model_function(model, start, self._count_trace)
+        self._iterate = backend.compile_model_function(model, iterate, self._count_trace)
+
+    def _count_trace(self) -> None:
+        self.traces += 1
+
+    def __call__(self, x, y, noise, eps: float, iterations: int):
+        """Attacks one batch; returns (x_adv, fooled, best loss) as NumPy arrays."""
+        f32 = np.float32
+        x_np, (x, y) = x, (ops.convert_to_tensor(x), ops.convert_to_tensor(y))  # on the device once
+        state = self._start(x, y, noise, f32(eps))
+        schedule = dict(checkpoints(iterations))
+        for i in range(iterations):
+            window = schedule.get(i, 0)
+            state = self._iterate(
+                state, x, y, f32(eps), f32(1.0 if i == 0 else MOMENTUM), f32(window > 0), f32(window)
+            )
+        x_best, loss_best, x_fooled, fooled = (ops.convert_to_numpy(state[k]) for k in (4, 5, 7, 8))
+        return np.where(fooled.reshape((-1,) + (1,) * (x_np.ndim - 1)), x_fooled, x_best), fooled, loss_best
+
+
+_COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled_apgd(model: keras.Model, loss: str = "ce", clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledAPGD:
+    """The `CompiledAPGD` of (model, loss, clip range), made on first use and then reused."""
+    per_model = _COMPILED.setdefault(model, {})
+    key = (loss, float(clip_min), float(clip_max))
+    if key not in per_model:
+        per_model[key] = CompiledAPGD(model, loss, clip_min, clip_max)
+    return per_model[key]
+
+
+def apgd(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps: float,
+    iterations: int = DEFAULT_ITERATIONS,
+    restarts: int = 1,
+    loss: str = "ce",
+    clip_min: float = 0.0,
+    clip_max: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """APGD (Croce & Hein 2020, Algorithm 1), untargeted, L-inf.
+
+    Args:
+      model: a Keras model from images to logits (its saturation is switched on for the attack).
+      x: clean images, float32 in [clip_min, clip_max], [n, ...].
+      y: integer labels [n].
+      eps: the L-inf radius.
+      iterations: iterations per restart (the paper's N_iter, 100).
+      restarts: attacks from independent random starts; later ones only on examples not yet fooled.
+      loss: "ce" (APGD-CE) or "dlr" (APGD-DLR; needs at least 3 classes).
+      clip_min, clip_max: the valid pixel range.
+      seed: seeds the random starts.
+      batch_size: images per compiled call (None: `backend.default_attack_batch_size()`).
+
+    Returns:
+      The adversarial images, float32, shaped like x.
+
+    Raises:
+      ValueError: bad arguments, or x outside [clip_min, clip_max].
+      AttackInvariantError: an adversarial batch left the eps-ball or the pixel range.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
+    x, y = attacks._check_data(x, y, clip_min, clip_max)
+    attacks._check_settings(eps, eps, iterations, restarts, True, seed)
+    batch_size = _batch_size(batch_size)
+    n = len(x)
+    x_adv = x.copy()
+    best_loss = np.full(n, -np.inf, dtype=np.float32)
+    if n == 0 or eps == 0:
+        return x_adv
+    compiled = compiled_apgd(model, loss, clip_min, clip_max)
+    started = time.perf_counter()
+    with attacks.saturated(model):
+        fooled = models.predict_labels(model, x, batch_size) != y  # Already adversarial: x itself.
+        for restart in range(restarts):
+            todo = np.flatnonzero(~fooled)
+            if todo.size == 0:
+                break
+            noise = _restart_noise(seed, restart, x.shape)
+            batch = min(batch_size, todo.size)
+            for first in range(0, todo.size, batch):
+                rows = todo[first : first + batch]
+                result, now_fooled, losses = compiled(
+                    attacks._pad(x[rows], batch), attacks._pad(y[rows], batch), attacks._pad(noise[rows], batch),
+                    eps, iterations,
+                )
+                count = len(rows)
+                result, now_fooled, losses = result[:count], now_fooled[:count], losses[:count]
+                compiled.image_steps += count * (iterations + 1)
+                attacks.check_adversarial(result, x[rows], eps, clip_min, clip_max)
+                # Rows are not fooled yet: a fooling restart always wins, else a higher loss.
+                better = now_fooled | (losses > best_loss[rows])
+                x_adv[rows[better]] = result[better]
+                best_loss[rows[better]] = losses[better]
+                fooled[rows] = now_fooled
+            logging.info(
+                "apgd-%s eps=%g: restart %d/%d: %d/%d examples fooled, %.1f s",
+                loss, eps, restart + 1, restarts, int(fooled.sum()), n, time.perf_counter() - started,
+            )
+    return x_adv
+
+
+def _restart_noise(seed: int, restart: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform noise in [-1, 1); row i depends only on (seed, restart, i)."""
+    return np.random.default_rng([seed, restart]).random(shape, dtype=np.float32) * 2.0 - 1.0
+
+
+def _batch_size(batch_size: int | None) -> int:
+    batch_size = backend.default_attack_batch_size() if batch_size is None else batch_size
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
+    return int(batch_size)

@@ -1,0 +1,212 @@
+"""The Square attack (Andriushchenko et al. 2020), L-inf: gradient-free, score-based.
+
+    x_adv = square(model, x, y, eps=0.3)                      # 5000 queries per example
+    x_adv, queries = square(model, x, y, eps=0.3, queries=1000, return_queries=True)
+
+As their reference (`square_attack_linf`), untargeted, with the margin loss
+l(x) = z_y - max_{j != y} z_j (minimized; the example is fooled when it is <= 0):
+  - start from vertical stripes: each column of the image moved by +eps or -eps (random);
+  - each iteration, per example: pick a random square of side s (s = round(sqrt(p * pixels)),
+    between 1 and side - 1), set the perturbation on it to +eps or -eps (per channel, random;
+    the other sign if that would not change the current image), and keep the new image only if
+    the loss decreases;
+  - p starts at p_init (0.05) and halves as the iteration passes 10, 50, 200, 500, 1000, 2000,
+    4000, 6000 and 8000 of 10,000, scaled to the query budget;
+  - an example stops as soon as it is fooled.
+Queries are counted per example: forward passes whose output the attack uses, including the
+first (is the clean image classified correctly? an already misclassified one costs just that
+query and is returned unchanged) and the one at the stripes start; no example is ever given
+more than `queries`. One iteration of a batch is one compiled function
+(`backend.compile_model_function`); the random squares and signs are drawn on the host from
+(seed, iteration) for every example, so the result does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+
+import keras
+import numpy as np
+from absl import logging
+from keras import ops
+
+from polar_tf import attacks, backend, models
+
+DEFAULT_QUERIES = 5000
+DEFAULT_P_INIT = 0.05
+# The reference's schedule: iteration (per 10,000) after which p is halved once more.
+_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+_UNCHANGED = 1e-7
+_SYNC_EVERY = 20  # iterations between checks whether a whole batch is fooled
+
+
+def margin(logits, y):
+    """z_y - max_{j != y} z_j per example: > 0 while the example is classified correctly."""
+    onehot = ops.one_hot(ops.cast(y, "int32"), logits.shape[-1], dtype=logits.dtype)
+    true_logit = ops.sum(logits * onehot, axis=-1)
+    return true_logit - ops.max(ops.where(onehot > 0, -1e30, logits), axis=-1)
+
+
+def p_selection(p_init: float, iteration: int, iterations: int) -> float:
+    """The fraction of pixels the square covers at `iteration` of `iterations` (the reference's)."""
+    scaled = int(iteration / iterations * 10000)
+    return p_init / 2 ** sum(scaled > h for h in _HALVINGS)
+
+
+def square_side(p: float, height: int, width: int) -> int:
+    """Side of a square covering about a fraction p of the image: between 1 and height - 1."""
+    return min(max(int(round(math.sqrt(p * height * width))), 1), height - 1)
+
+
+class CompiledSquare:
+    """The Square attack's compiled iteration for one model and clip range.
+
+    Attributes:
+      traces: times its compiled function was traced (once per batch shape).
+    """
+
+    def __init__(self, model: keras.Model, clip_min: float = 0.0, clip_max: float = 1.0):
+        self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.traces = 0
+
+        def clip(values):
+            return ops.clip(values, self.clip_min, self.clip_max)
+
+        def evaluate(forward, value_and_grad, x_new, y):
+            return margin(forward(x_new), y)
+
+        def iterate(forward, value_and_grad, state, x, y, eps, side, corners, signs):
+            x_best, margin_best, queries = state
+            height, width = x.shape[1], x.shape[2]
+            rows = ops.reshape(ops.arange(height, dtype="int32"), (1, height, 1, 1))
+            cols = ops.reshape(ops.arange(width, dtype="int32"), (1, 1, width, 1))
+            top = ops.reshape(corners[:, 0], (-1, 1, 1, 1))
+            left = ops.reshape(corners[:, 1], (-1, 1, 1, 1))
+            inside = ops.logical_and(
+                ops.logical_and(rows >= top, rows < top + side), ops.logical_and(cols >= left, cols < left + side)
+            )
+            delta = x_best - x
+            signs = ops.reshape(signs, (-1, 1, 1, x.shape[3]))
+            candidate = ops.where(inside, eps * signs, delta)
+            # As the reference, never spend a query on a square that changes nothing: there the
+            # other sign always changes something (eps > 0).
+            same = ops.logical_or(ops.abs(clip(x + candidate) - x_best) < _UNCHANGED, ops.logical_not(inside))
+            unchanged = ops.reshape(ops.all(same, axis=(1, 2, 3)), (-1, 1, 1, 1))
+            candidate = ops.where(inside, eps * ops.where(unchanged, -signs, signs), delta)
+            x_new = clip(x + candidate)
+            margin_new = margin(forward(x_new), y)
+            active = margin_best > 0
+            better = ops.logical_and(active, margin_new < margin_best)
+            x_best = ops.where(ops.reshape(better, (-1, 1, 1, 1)), x_new, x_best)
+            margin_best = ops.where(better, margin_new, margin_best)
+            return x_best, margin_best, queries + ops.cast(active, queries.dtype)
+
+        self._evaluate = backend.compile_model_function(model, evaluate, self._count_trace)
+        self._iterate = backend.compile_model_function(model, iterate, self._count_trace)
+
+    def _count_trace(self) -> None:
+        self.traces += 1
+
+
+_COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
+
+
+def compiled_square(model: keras.Model, clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledSquare:
+    """The `CompiledSquare` of (model, clip range), made on first use and then reused."""
+    per_model = _COMPILED.setdefault(model, {})
+    key = (float(clip_min), float(clip_max))
+    if key not in per_model:
+        per_model[key] = CompiledSquare(model, clip_min, clip_max)
+    return per_model[key]
+
+
+def square(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps: float,
+    queries: int = DEFAULT_QUERIES,
+    p_init: float = DEFAULT_P_INIT,
+    clip_min: float = 0.0,
+    clip_max: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    return_queries: bool = False,
+):
+    """The Square attack, L-inf, untargeted, margin loss.
+
+    Args:
+      model: a Keras model from images [n, height, width, channels] to logits (its saturation is
+        switched on for the attack).
+      x: clean images, float32 in [clip_min, clip_max].
+      y: integer labels [n].
+      eps: the L-inf radius.
+      queries: the query budget per example (>= 2: the clean check and the stripes start).
+      p_init: initial fraction of pixels the square covers, in (0, 1].
+      clip_min, clip_max: the valid pixel range.
+      seed: seeds the stripes, squares and signs.
+      batch_size: images per compiled call (None: `backend.default_attack_batch_size()`).
+      return_queries: also return the queries spent on each example.
+
+    Returns:
+      The adversarial images (float32, shaped like x), and with `return_queries` the queries per
+      example (int [n], each <= `queries`).
+
+    Raises:
+      ValueError: bad arguments, or x outside [clip_min, clip_max].
+      AttackInvariantError: an adversarial batch left the eps-ball or the pixel range.
+    """
+    x, y = attacks._check_data(x, y, clip_min, clip_max)
+    attacks._check_settings(eps, eps, 1, 1, True, seed)
+    if x.ndim != 4:
+        raise ValueError(f"x must be images [n, height, width, channels]. Received shape {x.shape}")
+    if not (isinstance(queries, (int, np.integer)) and queries >= 2):
+        raise ValueError(f"queries must be an integer >= 2. Received: queries={queries}")
+    if not (isinstance(p_init, (int, float)) and 0 < p_init <= 1):
+        raise ValueError(f"p_init must be in (0, 1]. Received: p_init={p_init}")
+    batch_size = backend.default_attack_batch_size() if batch_size is None else batch_size
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
+    n, height, width, channels = x.shape
+    x_adv = x.copy()
+    spent = np.zeros(n, dtype=np.int64)
+    compiled = compiled_square(model, clip_min, clip_max)
+    started = time.perf_counter()
+    with attacks.saturated(model):
+        correct = models.predict_labels(model, x, max(min(batch_size, n), 1)) == y if n else np.zeros(0, bool)
+        spent += 1
+        todo = np.flatnonzero(correct) if eps > 0 else np.zeros(0, np.int64)
+        iterations = queries - 2
+        stripes = np.random.default_rng([seed, 0]).choice([-1.0, 1.0], size=(n, 1, width, channels))
+        f32 = np.float32
+        batch = min(batch_size, max(todo.size, 1))
+        for first in range(0, todo.size, batch):
+            rows = todo[first : first + batch]
+            count = len(rows)
+            xb, yb = attacks._pad(x[rows], batch), attacks._pad(y[rows], batch)
+            x_start = np.clip(xb + f32(eps) * attacks._pad(stripes[rows], batch).astype(np.float32), clip_min, clip_max)
+            xb, yb = ops.convert_to_tensor(xb), ops.convert_to_tensor(yb)  # on the device once per batch
+            state = (x_start, compiled._evaluate(x_start, yb), np.full(batch, 2, np.int32))
+            for i in range(iterations):
+                if i % _SYNC_EVERY == 0 and not np.any(ops.convert_to_numpy(state[1])[:count] > 0):
+                    break
+                side = square_side(p_selection(p_init, i, queries), height, width)
+                rng = np.random.default_rng([seed, 1 + i])
+                corners = rng.integers(0, height - side, size=(n, 2)).astype(np.int32)
+                signs = rng.choice([-1.0, 1.0], size=(n, channels)).astype(np.float32)
+                state = compiled._iterate(
+                    state, xb, yb, f32(eps), np.int32(side), attacks._pad(corners[rows], batch),
+                    attacks._pad(signs[rows], batch),
+                )
+            result = ops.convert_to_numpy(state[0])[:count]
+            attacks.check_adversarial(result, x[rows], eps, clip_min, clip_max)
+            x_adv[rows] = result
+            spent[rows] = ops.convert_to_numpy(state[2])[:count]
+            logging.info(
+                "square eps=%g: batch %d/%d, %d queries at most, %.1f s",
+                eps, first // batch + 1, math.ceil(todo.size / batch), queries, time.perf_counter() - started,
+            )
+    return (x_adv, spent) if return_queries else x_adv

@@ -1,0 +1,209 @@
+"""Tests of the adaptive suite: APGD, Square, transfer, the worst case and the masking checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from polar_tf import adaptive, apgd, attacks, data, models, runfiles, square
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPS = 0.3
+SMALL = dict(num_examples=100, pgd_steps=10, pgd_restarts=2, apgd_iterations=20, square_queries=300,
+             check_examples=100)
+
+
+def mlp(seed: int) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+
+
+@pytest.fixture(scope="module")
+def mnist_small():
+    """3000 MNIST training images and the first 100 test images."""
+    (x_train, y_train), (x_test, y_test) = data.load_dataset("mnist", train_examples=3000)
+    return x_train, y_train, x_test[:100], y_test[:100]
+
+
+def _train(model, x, y):
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=64, epochs=3, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_small):
+    """An undefended MLP trained for a few seconds (~90% on the test images)."""
+    x_train, y_train, _, _ = mnist_small
+    return _train(mlp(0), x_train, y_train)
+
+
+def masked(model: keras.Model) -> keras.Model:
+    """`model` with its logits rounded to multiples of 0.25 and a zero gradient: masks gradients."""
+    inputs = keras.Input((28, 28, 1))
+    logits = model(inputs)
+    hard = keras.layers.Lambda(lambda z: 0.0 * z + ops.stop_gradient(ops.round(4.0 * z) / 4.0))(logits)
+    return keras.Model(inputs, hard)
+
+
+# Pieces, exact values.
+
+
+def test_dlr_loss_values_and_invariance():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0], [5.0, 1.0, 2.0, 4.0]], np.float32)
+    y = np.array([0, 0], np.int32)
+    got = ops.convert_to_numpy(apgd.dlr_loss(logits, y))
+    # -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3): -(1 - 3) / (3 - 1) and -(5 - 4) / (5 - 2).
+    np.testing.assert_allclose(got, [1.0, -1.0 / 3.0], rtol=1e-6)
+    np.testing.assert_allclose(ops.convert_to_numpy(apgd.dlr_loss(3.0 * logits + 7.0, y)), got, rtol=1e-5)
+
+
+def test_apgd_checkpoints_are_the_papers():
+    assert [i + 1 for i, _ in apgd.checkpoints(100)] == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert [w for _, w in apgd.checkpoints(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
+    assert apgd.checkpoints(5) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+
+
+def test_square_schedule():
+    assert square.p_selection(0.05, 0, 5000) == 0.05
+    assert square.p_selection(0.05, 6, 5000) == 0.025  # 6 of 5000 is 12 of 10,000: past 10
+    assert square.p_selection(0.05, 4999, 5000) == 0.05 / 512
+    assert square.square_side(0.05, 28, 28) == 6 and square.square_side(1e-6, 28, 28) == 1
+    assert square.square_side(1.0, 28, 28) == 27
+
+
+def test_worst_case_is_exact():
+    clean = np.array([1, 1, 1, 1, 0], bool)
+    under = {"a": np.array([1, 0, 1, 1, 1], bool), "b": np.array([1, 1, 0, 1, 1], bool),
+             "c": np.array([1, 1, 1, 1, 1], bool)}
+    np.testing.assert_array_equal(adaptive.worst_case(clean, under), [1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(adaptive.worst_case(clean, {}), clean)
+
+
+def test_check_verdicts_on_hand_built_numbers():
+    assert adaptive.check_eps_to_half({0.3: 0.7, 0.5: 0.0}, 1000)["status"] == "pass"
+    assert adaptive.check_eps_to_half({0.3: 0.7, 0.5: 0.4}, 1000)["status"] == "warn"
+    assert adaptive.check_more_budget(0.5, {"x2": 0.49}, 1000)["status"] == "pass"
+    assert adaptive.check_more_budget(0.5, {"x2": 0.3}, 1000)["status"] == "warn"
+    square_correct = np.array([0] * 50 + [1] * 50, bool)
+    gradient = {"pgd": np.array([1] * 100, bool)}
+    check = adaptive.check_gradient_free(square_correct, gradient)
+    assert check["status"] == "warn" and check["fooled_only_by_square"] == 50 and "masked" in check["verdict"]
+    assert adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct})["status"] == "pass"
+    assert adaptive.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
+    assert adaptive.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
+    assert adaptive.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"
+
+
+# The attacks.
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "square"])
+def test_new_attacks_drive_an_undefended_model_to_near_zero(trained, mnist_small, name):
+    _, _, x, y = mnist_small
+    assert models.accuracy(trained, x, y) > 0.85
+    if name == "square":
+        x_adv = square.square(trained, x, y, eps=EPS, queries=300)
+    else:
+        x_adv = apgd.apgd(trained, x, y, eps=EPS, iterations=20, loss=name.split("-")[1])
+    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
+    assert np.max(np.abs(x_adv.astype(np.float64) - x)) <= EPS + attacks.INVARIANT_TOLERANCE
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert models.accuracy(trained, x_adv, y) <= 0.05
+
+
+def test_transfer_from_another_model(trained, mnist_small):
+    x_train, y_train, x, y = mnist_small
+    source = _train(mlp(1), x_train, y_train)
+    config = adaptive.AdaptiveConfig(**SMALL)
+    x_adv = adaptive.transfer(source, x, y, EPS, config)
+    attacks.check_adversarial(x_adv, x, EPS)
+    assert models.accuracy(trained, x_adv, y) < 0.3
+    assert models.accuracy(trained, adaptive.random_noise(x, EPS), y) > 0.5
+
+
+def test_square_respects_its_query_budget(trained, mnist_small):
+    _, _, x, y = mnist_small
+    x_adv, spent = square.square(trained, x, y, eps=0.03, queries=150, return_queries=True, batch_size=64)
+    correct = models.predict_labels(trained, x) == y
+    survived = models.predict_labels(trained, x_adv) == y
+    assert spent.max() <= 150
+    np.testing.assert_array_equal(spent[~correct], 1)  # the clean query alone
+    np.testing.assert_array_equal(x_adv[~correct], x[~correct])
+    assert np.all(spent[survived] == 150) and survived.sum() > 10  # unfooled examples use it all
+    assert np.all(spent[correct & ~survived] < 150)
+    # The result does not depend on the batch size (squares are drawn per example and iteration).
+    again, spent_again = square.square(trained, x, y, eps=0.03, queries=150, return_queries=True, batch_size=100)
+    np.testing.assert_array_equal(spent_again, spent)
+    np.testing.assert_allclose(again, x_adv, atol=1e-6)
+
+
+def test_eps_zero_returns_x_and_apgd_traces_once(trained, mnist_small):
+    _, _, x, y = mnist_small
+    np.testing.assert_array_equal(apgd.apgd(trained, x, y, eps=0.0, iterations=3), x)
+    np.testing.assert_array_equal(square.square(trained, x, y, eps=0.0, queries=10), x)
+    model = mlp(2)  # fresh: counts its own traces
+    compiled = apgd.compiled_apgd(model, "ce")
+    apgd.apgd(model, x, y, eps=0.1, iterations=3, restarts=2, batch_size=40)
+    assert compiled.traces == 2  # start and iteration, one batch shape (the last batch is padded)
+    with pytest.raises(ValueError, match="loss"):
+        apgd.apgd(model, x, y, eps=0.1, loss="cw")
+    with pytest.raises(ValueError, match="queries"):
+        square.square(model, x, y, eps=0.1, queries=1)
+
+
+# The suite and its checks.
+
+
+def test_checks_pass_on_an_honest_model_and_flag_a_masked_one(trained, mnist_small):
+    _, _, x, y = mnist_small
+    config = adaptive.AdaptiveConfig(**SMALL)
+    honest = adaptive.evaluate_model(trained, "honest", x, y, config)
+    status = {c["name"]: c["status"] for c in honest["checks"]}
+    assert status["eps_to_half"] == "pass" and status["gradient_free_vs_gradient"] == "pass"
+    assert status["noise_vs_attacks"] == "pass" and status["iterative_vs_single_step"] == "pass"
+    assert honest["worst_case_accuracy"] <= min(r["accuracy"] for r in honest["attacks"].values())
+
+    fake = adaptive.evaluate_model(masked(trained), "masked", x, y, config)
+    status = {c["name"]: c["status"] for c in fake["checks"]}
+    assert status["gradient_free_vs_gradient"] == "warn"
+    assert status["noise_vs_attacks"] == "warn"
+    assert fake["attacks"]["fgsm"]["accuracy"] == fake["clean_accuracy"]  # a zero gradient: FGSM is x
+    gradient = [r["accuracy"] for r in fake["attacks"].values() if r["attack"] in adaptive.GRADIENT_ATTACKS]
+    assert fake["attacks"]["square"]["accuracy"] < min(gradient) - 0.2
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax", reason="backend-independent glue; saves a JAX start-up")
+def test_cli_writes_the_report_with_its_reproducing_command(trained, tmp_path):
+    path = str(tmp_path / "mlp.keras")
+    runfiles.save_model(trained, path)
+    out = tmp_path / "out"
+    args = [f"--model_path={path}", "--suite=adaptive", "--num_examples=20", "--steps=2", "--restarts=1",
+            "--apgd_iterations=3", "--square_queries=20", "--check_examples=20", f"--transfer_from={path}",
+            f"--output_dir={out}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    (model,) = results["models"]
+    assert sorted(model["attacks"]) == ["apgd-ce", "apgd-dlr", "fgsm", "noise", "pgd", "square", "transfer"]
+    assert [c["name"] for c in model["checks"]] == [
+        "eps_to_half", "more_budget", "gradient_free_vs_gradient", "iterative_vs_single_step", "noise_vs_attacks"
+    ]
+    assert model["attacks"]["square"]["queries_max"] <= 20
+    for flag in ("--suite=adaptive", "--num_examples=20", "--steps=2", "--restarts=1", "--apgd_iterations=3",
+                 "--square_queries=20", "--check_examples=20", f"--transfer_from={path}"):
+        assert flag in results["reproduce"]
+    assert results["reproduce"] in done.stdout and "| worst case |" in done.stdout
+    assert "Sanity checks" in (out / "results.md").read_text()
