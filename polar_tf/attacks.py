@@ -29,9 +29,11 @@ Losses (per example, summed over the batch so that each example's gradient is it
 Restarts (PGD): each restart starts from a uniform random point of the eps-ball. Per example the
 first restart that fools the model is kept, and later restarts attack only the examples still
 classified correctly (the result is the same as attacking all of them, at a fraction of the
-cost); for an example no restart fools, the restart with the highest loss is kept. The random
-start of example i in restart r depends only on (seed, r, i): not on the batch size, nor on how
-many other examples are attacked.
+cost); for an example no restart fools, the restart with the highest loss is kept. Room left in
+a batch by the examples due for restart r is filled with restart r + 1 of examples in that batch,
+rather than with padding (ignored if restart r fools the example). The random start of example i
+in restart r depends only on (seed, r, i): not on the batch size, nor on which other examples
+are attacked.
 
 Every adversarial batch is checked: ||x_adv - x||_inf <= eps and clip_min <= x_adv <= clip_max,
 with `INVARIANT_TOLERANCE` of slack for float32 rounding; a violation raises
@@ -65,6 +67,7 @@ INVARIANT_TOLERANCE = 1e-6
 # float64's 1 + s rounds to 1 for s <= 2^-53: there the reference's cross-entropy was exactly 0.
 _CE_UNDERFLOW_LOG = -53.0 * math.log(2.0)
 _MASKED_LOGIT = -1e30
+_NOISE_BLOCK = 256
 
 
 class AttackInvariantError(RuntimeError):
@@ -223,34 +226,37 @@ def pgd(
     x_best = x.copy()
     best_loss = np.full(n, -np.inf, dtype=np.float32)
     fooled = np.zeros(n, dtype=bool)
-    started = time.perf_counter()
+    scheduled = np.zeros(n, dtype=np.int64)  # restarts of each example attacked so far
+    started, calls = time.perf_counter(), 0
     with saturated(model):
-        for restart in range(restarts):
-            todo = np.flatnonzero(~fooled)
-            if todo.size == 0:
+        while True:
+            levels, rows = _next_batch(fooled, scheduled, restarts, batch)
+            if rows.size == 0:
                 break
-            noise = _restart_noise(seed, restart, x.shape) if random_start else np.zeros_like(x)
-            batches = range(0, todo.size, batch)
-            for index, first in enumerate(batches):
-                rows = todo[first : first + batch]
-                x_adv, losses, logits = attack(
-                    _pad(x[rows], batch), _pad(y[rows], batch), _pad(noise[rows], batch), eps, step_size, steps
-                )
-                count = len(rows)
-                x_adv, losses, logits = x_adv[:count], losses[:count], logits[:count]
-                attack.image_steps += count * steps
-                check_adversarial(x_adv, x[rows], eps, clip_min, clip_max)
-                now_fooled = np.argmax(logits, axis=-1) != y[rows]
-                # Rows are not fooled yet: a fooling restart always wins, else a higher loss.
-                better = now_fooled | (losses > best_loss[rows])
+            noise = _restart_noise(seed, levels, rows, x.shape[1:]) if random_start else np.zeros_like(x[rows])
+            x_adv, losses, logits = attack(
+                _pad(x[rows], batch), _pad(y[rows], batch), _pad(noise, batch), eps, step_size, steps
+            )
+            count = len(rows)
+            x_adv, losses, logits = x_adv[:count], losses[:count], logits[:count]
+            attack.image_steps += count * steps
+            check_adversarial(x_adv, x[rows], eps, clip_min, clip_max)
+            now_fooled = np.argmax(logits, axis=-1) != y[rows]
+            # In restart order, as if restarts ran one after the other: a restart of an example that
+            # an earlier one fooled is ignored; otherwise fooling wins, else a higher loss.
+            for level in np.unique(levels):
+                at = np.flatnonzero(levels == level)
+                at = at[~fooled[rows[at]]]
+                better = at[now_fooled[at] | (losses[at] > best_loss[rows[at]])]
                 x_best[rows[better]] = x_adv[better]
                 best_loss[rows[better]] = losses[better]
-                fooled[rows] = now_fooled
-                logging.info(
-                    "%s eps=%g: restart %d/%d, batch %d/%d: %d/%d examples fooled, %.1f s",
-                    name, eps, restart + 1, restarts, index + 1, len(batches), int(fooled.sum()), n,
-                    time.perf_counter() - started,
-                )
+                fooled[rows[at]] = now_fooled[at]
+            calls += 1
+            logging.info(
+                "%s eps=%g: call %d (restarts %d-%d of %d): %d/%d examples fooled, %d restarts left, %.1f s",
+                name, eps, calls, levels.min() + 1, levels.max() + 1, restarts, int(fooled.sum()), n,
+                int(np.sum((restarts - scheduled)[~fooled])), time.perf_counter() - started,
+            )
     return x_best
 
 
@@ -341,9 +347,39 @@ def with_backward(model: keras.Model, backward: str, steepness: float | None = N
     return copy
 
 
-def _restart_noise(seed: int, restart: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Uniform noise in [-1, 1); row i depends only on (seed, restart, i)."""
-    return np.random.default_rng([seed, restart]).random(shape, dtype=np.float32) * 2.0 - 1.0
+def _next_batch(fooled: np.ndarray, scheduled: np.ndarray, restarts: int, size: int):
+    """The next (restart, example) pairs to attack, at most `size`, in restart order.
+
+    Restart r of an example is due when none of its restarts so far fooled the model. When the
+    due restart-r pairs do not fill a batch, the batch is topped up with restart r + 1 of examples
+    whose restart r is in this batch: work that would otherwise be padding, and that is ignored if
+    restart r fools the example. `scheduled` is updated.
+    """
+    levels, rows = [], []
+    room = size
+    for level in range(restarts):
+        if room == 0:
+            break
+        due = np.flatnonzero(~fooled & (scheduled == level))[:room]
+        scheduled[due] += 1
+        levels.append(np.full(len(due), level))
+        rows.append(due)
+        room -= len(due)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(levels), np.concatenate(rows)
+
+
+def _restart_noise(seed: int, levels: np.ndarray, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform noise in [-1, 1) for each (restart, example) pair; it depends only on (seed, restart,
+    example index), so not on batching. Drawn in blocks of `_NOISE_BLOCK` examples."""
+    noise = np.empty((len(rows), *shape), dtype=np.float32)
+    blocks = rows // _NOISE_BLOCK
+    for level, block in set(zip(levels.tolist(), blocks.tolist())):
+        at = np.flatnonzero((levels == level) & (blocks == block))
+        drawn = np.random.default_rng([seed, level, block]).random((_NOISE_BLOCK, *shape), dtype=np.float32)
+        noise[at] = drawn[rows[at] % _NOISE_BLOCK] * 2.0 - 1.0
+    return noise
 
 
 def _pad(array: np.ndarray, size: int) -> np.ndarray:

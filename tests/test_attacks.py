@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from polar_tf import attacks, backend, data, models
+from polar_tf import attacks, backend, models
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 
 EPS = 0.1
@@ -56,9 +56,10 @@ def cnn():
 
 
 @pytest.fixture(scope="module")
-def trained_mlp():
+def trained_mlp(mnist):
     """An undefended MLP trained for a few seconds on 3000 MNIST images, and 200 test images."""
-    (x_train, y_train), (x_test, y_test) = data.load_dataset("mnist", train_examples=3000)
+    (x_train, y_train), (x_test, y_test) = mnist
+    x_train, y_train = x_train[:3000], y_train[:3000]
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((28, 28, 1)),
@@ -178,6 +179,18 @@ def test_same_seed_same_result(cnn):
     first = run(0)
     np.testing.assert_array_equal(run(0), first)
     assert not np.array_equal(run(1), first)
+
+
+def test_result_does_not_depend_on_batching(trained_mlp):
+    """Batch 128 attacks all 3 restarts of all 40 examples in one call (restarts 2 and 3 fill the
+    batch speculatively); batch 16 runs them mostly one restart after the other. Per example the
+    kept restart must be the same."""
+    model, x, y = trained_mlp
+    x, y = x[:40], y[:40]
+    run = lambda batch: attacks.pgd(model, x, y, eps=0.06, step_size=0.02, steps=3, restarts=3, batch_size=batch)
+    sequential = run(16)
+    np.testing.assert_allclose(run(128), sequential, atol=1e-6)
+    assert 0.2 < models.accuracy(model, sequential, y) < 0.95  # survivors: restarts 2 and 3 ran
 
 
 def test_attack_is_traced_once_across_batches_and_settings():
