@@ -203,8 +203,8 @@ def pgd(
       loss: "ce" or "cw" (see `per_example_loss`).
       clip_min, clip_max: the valid pixel range.
       seed: seeds the random starts.
-      batch_size: images per compiled call (None: `backend.default_attack_batch_size()`); the
-        last batch is padded to this size, so all batches share one trace.
+      batch_size: images per compiled call (None: `backend.default_attack_batch_size()`, or n if
+        smaller); every call is filled to this size (the last one padded), so all share one trace.
       name: how progress lines name the attack.
 
     Returns:

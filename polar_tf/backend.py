@@ -125,6 +125,9 @@ def compile_attack_loop(
       - JAX on the CPU: a Python loop over one jitted gradient step (4x faster there than
         `fori_loop`); the last forward pass is one more step whose update is discarded.
 
+    The compiled functions hold the model weakly, so a cache of them keyed on the model does not
+    keep it alive.
+
     Args:
       model: a built Keras model from inputs to logits.
       objective: (logits, y) -> per-example loss [batch], written with keras.ops.
@@ -133,9 +136,6 @@ def compile_attack_loop(
       on_trace: called each time a compiled function is traced (Python side effect).
       jax_whole_loop: on JAX, True compiles the loop with `fori_loop`, False loops in Python over
         a jitted step; None picks by device (the whole loop on accelerators). Ignored on TensorFlow.
-
-    The compiled functions hold the model weakly, so a cache of them keyed on the model does not
-    keep it alive.
 
     Returns:
       run(x, y, noise, eps, step_size, steps) -> (x_adv, loss, logits) as NumPy arrays, with loss

@@ -1,6 +1,8 @@
 """Tests of polar_tf.attacks: invariants, exact values, tracing, determinism and attack strength."""
 
+import gc
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -231,6 +233,16 @@ def test_jax_whole_loop_and_python_loop_agree(cnn):
         outputs.append(run(x, y, noise, EPS, EPS / 4, 5))
     for whole, stepped in zip(*outputs):
         np.testing.assert_allclose(whole, stepped, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_attack_cache_does_not_keep_models_alive():
+    model = tiny_cnn()
+    x, y = random_batch(2)
+    attacks.fgsm(model, x, y, eps=EPS)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_attack_sees_weight_changes_without_retracing():
