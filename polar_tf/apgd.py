@@ -234,7 +234,7 @@ def apgd(
             if todo.size == 0:
                 break
             noise = _restart_noise(seed, restart, x.shape)
-            batch = min(batch_size, todo.size)
+            batch = min(batch_size, n)  # One batch shape for every restart: one trace.
             for first in range(0, todo.size, batch):
                 rows = todo[first : first + batch]
                 result, now_fooled, losses = compiled(

@@ -182,7 +182,7 @@ def square(
         iterations = queries - 2
         stripes = np.random.default_rng([seed, 0]).choice([-1.0, 1.0], size=(n, 1, width, channels))
         f32 = np.float32
-        batch = min(batch_size, max(todo.size, 1))
+        batch = min(batch_size, n)  # Fixed by the number of examples, not of those attacked: one trace.
         for first in range(0, todo.size, batch):
             rows = todo[first : first + batch]
             count = len(rows)
