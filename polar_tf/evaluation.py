@@ -485,8 +485,8 @@ def _loss_text(loss: str) -> str:
 def _backward_text(config: dict[str, Any]) -> str:
     if config["backward"] == "identity":
         return "identity (straight-through, BPDA)"
-    steepness = "the model's" if config["steepness"] is None else f"{config['steepness']:g}"
-    return f"smooth (tanh surrogate, steepness {steepness})"
+    steepness = "the model's steepness" if config["steepness"] is None else f"steepness {config['steepness']:g}"
+    return f"smooth (tanh surrogate, {steepness})"
 
 
 def _versions() -> dict[str, str]:
