@@ -1,23 +1,27 @@
 r"""Training throughput (images/s) of each stage of the schedule, on the current Keras backend.
 
-  python -m bench.bench_train                            # TensorFlow, batch 64
-  KERAS_BACKEND=jax python -m bench.bench_train          # JAX
-  python -m bench.bench_train --steps_per_execution=16 --repeats=5
+  python bench/bench_train.py                            # TensorFlow, batch 64
+  KERAS_BACKEND=jax python bench/bench_train.py          # JAX
+  python bench/bench_train.py --steps_per_execution=16 --repeats=5
 
 Times `model.fit` on random images (the speed does not depend on the pixels) after a warm-up
 fit that compiles the step, for the model and switches of each stage. Prints the median of
 --repeats timed fits. Results and machines are recorded in BENCHMARKS.md.
 """
 
+import os
 import statistics
+import sys
 import time
 
-import keras
-import numpy as np
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # For `python bench/...`.
 
-from polar_tf import backend, models, schedule, training
-from polar_tf.config import Config
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from polar_tf import backend, models, schedule, training  # noqa: E402
+from polar_tf.config import Config  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("steps", 150, "Train steps per timed fit.")
