@@ -258,11 +258,11 @@ def evaluate_adaptive(
     if not model_paths:
         raise ValueError("--model_path is required: a .keras file or a training workdir")
     started = time.perf_counter()
-    paths = [evaluation.resolve_model_path(p) for p in model_paths]
+    paths = [runfiles.resolve_model_path(p) for p in model_paths]
     loaded = [runfiles.load_model(p, compile=False) for p in paths]
     source = None
     if config.transfer_from:
-        source = runfiles.load_model(evaluation.resolve_model_path(config.transfer_from), compile=False)
+        source = runfiles.load_model(runfiles.resolve_model_path(config.transfer_from), compile=False)
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "adaptive")
     x, y = data.load(config.dataset, "test", data_dir)
     if config.num_examples > len(x):

@@ -141,15 +141,6 @@ def parse_eps_sweep(text: str) -> tuple[float, ...]:
     return tuple(round(start + k * step, 10) for k in range(count))
 
 
-def resolve_model_path(path: str) -> str:
-    """A `.keras` file as given, or a training workdir's final checkpoint."""
-    if os.path.isdir(path):
-        return runfiles.final_checkpoint(path)
-    if not os.path.exists(path):
-        raise runfiles.CheckpointError(f"model {path} does not exist (expected a .keras file or a workdir)")
-    return path
-
-
 def workdir_dataset(model_path: str) -> str | None:
     """The dataset in the config.json of the model's workdir, or None if there is none."""
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
@@ -205,7 +196,7 @@ def evaluate(
     if not model_paths:
         raise ValueError("--model_path is required: a .keras file or a training workdir")
     started = time.perf_counter()
-    paths = [resolve_model_path(p) for p in model_paths]
+    paths = [runfiles.resolve_model_path(p) for p in model_paths]
     loaded = [runfiles.load_model(p, compile=False) for p in paths]  # All load before any attack.
     output_dir = output_dir or os.path.dirname(os.path.abspath(paths[0]))
     x, y = data.load(config.dataset, "test", data_dir)

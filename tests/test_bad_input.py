@@ -4,11 +4,15 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
 from polar_tf import data, runfiles, training
 from polar_tf.config import Config
+
+# Flag checks do not depend on the backend: run the command-line cases in the TensorFlow pass only.
+cli_once = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent CLI check")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +28,7 @@ def _last_line(result):
     return result.stderr.strip().splitlines()[-1]
 
 
+@cli_once
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -41,6 +46,7 @@ def test_train_py_rejects_bad_flags(tmp_path, args, expected):
     assert any(line.startswith(expected) for line in lines[-2:]), lines[-3:]
 
 
+@cli_once
 def test_train_py_rejects_corrupt_idx(tmp_path, mnist_subset_dir):
     folder = tmp_path / "mnist"
     folder.mkdir()
@@ -76,3 +82,38 @@ def test_nan_loss_stops_with_epoch_and_batch_and_keeps_checkpoints(tmp_path, mni
     assert runfiles.latest_epoch_checkpoint(workdir)[0] == 0
     assert [r["epoch"] for r in runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()] == [0]
     assert not os.path.exists(os.path.join(workdir, "stage2.keras"))
+
+
+@pytest.fixture(scope="module")
+def wrong_shape_model(tmp_path_factory):
+    inputs = keras.Input((14, 14, 1))
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
+    path = str(tmp_path_factory.mktemp("wrong") / "wrong.keras")
+    runfiles.save_model(model, path)
+    return path
+
+
+@cli_once
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--eps=-0.1"], "eps must be in [0, 1]. Received: eps=-0.1"),
+        (["--eps=1.5"], "eps must be in [0, 1]. Received: eps=1.5"),
+        (["--steps=0"], "steps must be a positive integer. Received: steps=0"),
+        (["--restarts=-2"], "restarts must be a positive integer. Received: restarts=-2"),
+        (["WRONG_SHAPE"], "maps (14, 14, 1) to (10,); expected images (28, 28, 1) to 10 logits"),
+    ],
+)
+def test_evaluate_py_rejects_bad_input_and_keeps_earlier_results(tmp_path, wrong_shape_model, args, expected):
+    earlier = tmp_path / "results.json"
+    earlier.write_text('{"kept": true}\n')
+    model = wrong_shape_model if args == ["WRONG_SHAPE"] else os.path.join(ROOT, "pretrained", "mnist_polarized.keras")
+    flags = [a for a in args if a != "WRONG_SHAPE"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--model_path={model}", f"--output_dir={tmp_path}",
+         "--num_examples=10", *flags],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert _last_line(result) == f"evaluate.py: error: {expected}" or expected in _last_line(result)
+    assert _last_line(result).startswith("evaluate.py: error:")
+    assert earlier.read_text() == '{"kept": true}\n'

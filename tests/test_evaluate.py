@@ -79,12 +79,12 @@ def test_eval_config_defaults_and_validation():
 
 def test_model_paths(workdir):
     checkpoint = os.path.join(workdir, "stage3.keras")
-    assert evaluation.resolve_model_path(workdir) == checkpoint
-    assert evaluation.resolve_model_path(checkpoint) == checkpoint
+    assert runfiles.resolve_model_path(workdir) == checkpoint
+    assert runfiles.resolve_model_path(checkpoint) == checkpoint
     assert evaluation.workdir_dataset(checkpoint) == "mnist"
     assert evaluation.model_label(checkpoint) == "mnist_polarized/stage3"
     with pytest.raises(runfiles.CheckpointError, match="does not exist"):
-        evaluation.resolve_model_path(os.path.join(workdir, "missing.keras"))
+        runfiles.resolve_model_path(os.path.join(workdir, "missing.keras"))
 
 
 def test_evaluate_writes_the_report_and_plots(workdir, tmp_path):
