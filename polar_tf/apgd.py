@@ -33,7 +33,6 @@ the start of example i in restart r depends only on (seed, r, i).
 from __future__ import annotations
 
 import time
-import weakref
 
 import keras
 import numpy as np
@@ -168,16 +167,9 @@ class CompiledAPGD:
         return np.where(fooled.reshape((-1,) + (1,) * (x_np.ndim - 1)), x_fooled, x_best), fooled, loss_best
 
 
-_COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
-
-
 def compiled_apgd(model: keras.Model, loss: str = "ce", clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledAPGD:
     """The `CompiledAPGD` of (model, loss, clip range), made on first use and then reused."""
-    per_model = _COMPILED.setdefault(model, {})
-    key = (loss, float(clip_min), float(clip_max))
-    if key not in per_model:
-        per_model[key] = CompiledAPGD(model, loss, clip_min, clip_max)
-    return per_model[key]
+    return attacks.per_model(model, CompiledAPGD, loss, float(clip_min), float(clip_max))
 
 
 def apgd(

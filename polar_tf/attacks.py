@@ -162,13 +162,19 @@ class CompiledAttack:
 _COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
 
 
+def per_model(model: keras.Model, compiled_class: type, *args):
+    """`compiled_class(model, *args)`, made on first use and then reused, so that an attack is
+    traced once per model and settings; the cache does not keep models alive."""
+    cache = _COMPILED.setdefault(model, {})
+    key = (compiled_class, *args)
+    if key not in cache:
+        cache[key] = compiled_class(model, *args)
+    return cache[key]
+
+
 def compiled_attack(model: keras.Model, loss: str = "ce", clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledAttack:
     """The `CompiledAttack` of (model, loss, clip range), made on first use and then reused."""
-    per_model = _COMPILED.setdefault(model, {})
-    key = (loss, float(clip_min), float(clip_max))
-    if key not in per_model:
-        per_model[key] = CompiledAttack(model, loss, clip_min, clip_max)
-    return per_model[key]
+    return per_model(model, CompiledAttack, loss, float(clip_min), float(clip_max))
 
 
 def pgd(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 
 import keras
 import numpy as np
@@ -110,16 +109,9 @@ class CompiledSquare:
         self.traces += 1
 
 
-_COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
-
-
 def compiled_square(model: keras.Model, clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledSquare:
     """The `CompiledSquare` of (model, clip range), made on first use and then reused."""
-    per_model = _COMPILED.setdefault(model, {})
-    key = (float(clip_min), float(clip_max))
-    if key not in per_model:
-        per_model[key] = CompiledSquare(model, clip_min, clip_max)
-    return per_model[key]
+    return attacks.per_model(model, CompiledSquare, float(clip_min), float(clip_max))
 
 
 def square(
