@@ -71,6 +71,9 @@ def main(argv):
             # A workdir knows its dataset: --dataset is needed only to evaluate on another one.
             dataset = evaluation.workdir_dataset(FLAGS.model_path[0]) or dataset
         if FLAGS.suite == "adaptive":
+            ignored = [f"--{n}" for n in ("attacks", "loss", "backward", "eps_sweep", "certify") if FLAGS[n].present]
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)} do not apply to --suite=adaptive (it runs every attack)")
             run_adaptive(dataset)
             return
         config = evaluation.EvalConfig(

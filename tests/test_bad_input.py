@@ -102,6 +102,7 @@ def wrong_shape_model(tmp_path_factory):
         (["--steps=0"], "steps must be a positive integer. Received: steps=0"),
         (["--restarts=-2"], "restarts must be a positive integer. Received: restarts=-2"),
         (["WRONG_SHAPE"], "maps (14, 14, 1) to (10,); expected images (28, 28, 1) to 10 logits"),
+        (["--suite=adaptive", "--certify"], "--certify do not apply to --suite=adaptive (it runs every attack)"),
     ],
 )
 def test_evaluate_py_rejects_bad_input_and_keeps_earlier_results(tmp_path, wrong_shape_model, args, expected):
