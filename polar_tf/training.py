@@ -183,11 +183,11 @@ def _epoch_report(model, config: Config, record: dict, train, test, tensorboard)
     record["test_accuracy"] = models.accuracy(model, x_test, y_test)
     histograms, images = {}, {}
     if models.get_frontend(model) is not None:
-        monitor = x_train[:MONITOR_EXAMPLES]
-        stats = monitoring.frontend_stats(model, monitor, config.eps)
+        z = np.concatenate(list(models.frontend_outputs(model, x_train[:MONITOR_EXAMPLES])))
+        stats = monitoring.frontend_stats(models.get_frontend(model), z, config.eps)
         b_mean = {"b1": stats["b1_mean"], "b2": stats["b2_mean"]}.get(record["regularizer"], 0.0)
         record.update(stats, reg_loss=record["reg_weight"] * b_mean)
-        histograms["frontend/z"] = np.concatenate(list(models.frontend_outputs(model, monitor))).ravel()
+        histograms["frontend/z"] = z.ravel()
         images = monitoring.frontend_images(model)
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
     tensorboard.write(record["epoch"], scalars, histograms, images)
