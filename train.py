@@ -25,6 +25,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("backward", "identity", list(BACKWARDS), "Gradient of the saturation.")
     flags.DEFINE_float("steepness", 8.0, "Steepness of the smooth backward pass.")
     flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0: all).")
+    flags.DEFINE_float("eps", None, "Attack size of adversarial training (default 0.3 MNIST, 0.1 Fashion-MNIST).")
+    flags.DEFINE_integer("adv_steps", 40, "PGD steps per batch of adversarial training.")
+    flags.DEFINE_float("adv_step_size", None, "Their size (default eps / 30 * 40 / adv_steps: a reach of 4/3 eps).")
     flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
     flags.DEFINE_string("export_dir", None, "Also write the trained model as a TensorFlow SavedModel here.")
     flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
@@ -46,6 +49,9 @@ def main(argv):
             seed=FLAGS.seed,
             train_examples=FLAGS.train_examples,
             steps_per_execution=FLAGS.steps_per_execution,
+            eps=FLAGS.eps,
+            adv_steps=FLAGS.adv_steps,
+            adv_step_size=FLAGS.adv_step_size,
         )
         workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}"
         model = training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)

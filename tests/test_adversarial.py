@@ -19,7 +19,8 @@ def test_adversarial_epoch_trains_on_pgd_examples_within_eps(mnist):
     (x_train, y_train), _ = mnist
     x, y = x_train[:128], y_train[:128]
     config = Config(model="adversarial", epochs_per_stage=1, adv_steps=5, batch_size=64)
-    assert config.eps == 0.3 and config.adv_step_size == pytest.approx(0.01)
+    # Madry's reach of 40 x 0.01 = 0.4 at eps 0.3, spread over 5 steps.
+    assert config.eps == 0.3 and config.adv_step_size == pytest.approx(0.08)
     keras.utils.set_random_seed(0)
     model = models.build_model(config)
     training.compile_for_stage(model, config, 1)
@@ -54,5 +55,7 @@ def test_fashion_mnist_settings():
     config = Config(dataset="fashion_mnist", model="adversarial")
     assert (config.eps, config.adv_steps) == (0.1, 40)
     assert config.adv_step_size == pytest.approx(0.1 / 30)
+    assert Config(dataset="fashion_mnist", model="adversarial", adv_steps=10).adv_step_size == pytest.approx(0.4 / 30)
+    assert Config(model="adversarial", adv_steps=10, adv_step_size=0.05).adv_step_size == 0.05
     with pytest.raises(ValueError, match="Received: adv_steps=0"):
         Config(model="adversarial", adv_steps=0)

@@ -1,5 +1,6 @@
 """The reproduction pipeline end to end on a tiny protocol: resumable, report generated from files."""
 
+import json
 import os
 
 import keras
@@ -10,21 +11,37 @@ from polar_tf import reproduce, runfiles
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="one backend suffices for the pipeline")
 def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_path, mnist_subset_dir):
-    protocol = reproduce.Protocol(epochs_per_stage=1, train_examples=128, adv_steps=2, num_examples=40,
-                                  steps=2, restarts=1, sweep_examples=20)
+    protocol = reproduce.Protocol(epochs_per_stage=1, train_examples=128, adv_epochs_per_stage=2, adv_steps=2,
+                                  num_examples=40, steps=2, restarts=1, sweep_examples=20, adaptive_examples=20,
+                                  apgd_iterations=2, square_queries=4)
     assert not protocol.is_paper and reproduce.Protocol().is_paper
-    root, report, pretrained = str(tmp_path / "runs"), str(tmp_path / "REPRODUCTION.md"), str(tmp_path / "pretrained")
-    reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained)
+    root, results = str(tmp_path / "runs"), str(tmp_path / "results")
+    report, pretrained = str(tmp_path / "REPRODUCTION.md"), str(tmp_path / "pretrained")
+    reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results)
     with open(report) as f:
         text = f.read()
     assert "a REDUCED schedule/protocol" in text
     for row in ("no defense", "adversarial training", "polarizing front end"):
         assert f"| {row} | " in text
     assert "/ 99.40 (" in text and "accuracy_vs_eps.png" in text
+    assert "| model | clean | FGSM | BIM | PGD | adaptive | certified |" in text
     for model in ("baseline", "adversarial", "polarized"):
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.keras"))
-        assert runfiles.read_config(os.path.join(root, f"mnist_{model}")).model == model
-    table = os.path.join(root, "mnist_table", "results.json")
-    before = os.path.getmtime(table)
-    reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained)  # nothing to redo
-    assert os.path.getmtime(table) == before
+        assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.metrics.jsonl"))
+        config = runfiles.read_config(os.path.join(root, f"mnist_{model}"))
+        assert config.model == model
+        # Only the adversarial model takes the protocol's adversarial epochs and PGD steps.
+        expected = (2, 2) if model == "adversarial" else (1, 40)
+        assert (config.epochs_per_stage, config.adv_steps) == expected
+        assert len(runfiles.MetricsLog(os.path.join(root, f"mnist_{model}", "metrics.jsonl")).read()) == 3 * expected[0]
+    with open(os.path.join(results, "mnist_adaptive", "results.json")) as f:
+        suite = json.load(f)
+    # The adaptive column is the suite's per-example worst case, and the transfer comes from the undefended model.
+    assert suite["config"]["transfer_from"] == os.path.join(root, "mnist_baseline", os.path.basename(suite["config"]["transfer_from"]))
+    for line, record in zip([l for l in text.splitlines() if l.startswith("| no defense") or l.startswith("| adversarial")
+                             or l.startswith("| polarizing")], suite["models"]):
+        assert line.split(" | ")[5] == f"{100 * record['worst_case_accuracy']:.2f}"
+    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in ("table", "sweep", "adaptive")]
+    before = [os.path.getmtime(p) for p in outputs]
+    reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results)  # nothing to redo
+    assert [os.path.getmtime(p) for p in outputs] == before
