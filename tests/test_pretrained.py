@@ -5,24 +5,29 @@ import os
 
 import pytest
 
-from polar_tf import data, models, runfiles
-from polar_tf.config import Config
+from polar_tf import data, models, reproduce, runfiles
+from polar_tf.config import DATASETS, Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Each shipped model and the results file that recorded its accuracy on the first N test images.
-SHIPPED = {"mnist_polarized": "results/mnist_polarized_e10/results.json"}
+# Each shipped model, pretrained/<dataset>_<model>.keras, is a row of REPRODUCTION.md, whose table
+# (results/reproduction/<dataset>_table/results.json) recorded its accuracy on the first N test images.
+SHIPPED = [(dataset, model) for dataset in DATASETS for model, _ in reproduce.ROWS]
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED))
-def test_pretrained_model_reaches_recorded_clean_accuracy(name):
+@pytest.mark.parametrize("dataset,model_name", SHIPPED)
+def test_pretrained_model_reaches_recorded_clean_accuracy(dataset, model_name):
+    name = f"{dataset}_{model_name}"
     model = runfiles.load_model(os.path.join(ROOT, "pretrained", f"{name}.keras"), compile=False)
     with open(os.path.join(ROOT, "pretrained", f"{name}.config.json")) as f:
         config = Config.from_dict(json.load(f))
-    with open(os.path.join(ROOT, SHIPPED[name])) as f:
-        recorded = json.load(f)
-    assert models.get_frontend(model).saturating == (config.model == "polarized")
-    x, y = data.load(config.dataset, "test")
-    n = recorded["num_examples"]
+    with open(os.path.join(ROOT, "results", "reproduction", f"{dataset}_table", "results.json")) as f:
+        table = json.load(f)
+    (record,) = [m for m in table["models"] if m["label"].startswith(f"{name}/")]
+    assert (config.dataset, config.model) == (dataset, model_name)
+    frontend = models.get_frontend(model)
+    assert (frontend is not None and frontend.saturating) == (model_name == "polarized")
+    x, y = data.load(dataset, "test")
+    n = table["num_examples"]
     accuracy = models.accuracy(model, x[:n], y[:n])
     # The same weights on another backend may flip an example sitting on a jump: allow 2 in 1000.
-    assert accuracy == pytest.approx(recorded["models"][0]["clean_accuracy"], abs=2 / n)
+    assert accuracy == pytest.approx(record["clean_accuracy"], abs=2 / n)
