@@ -17,7 +17,10 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     assert not protocol.is_paper and reproduce.Protocol().is_paper
     root, results = str(tmp_path / "runs"), str(tmp_path / "results")
     report, pretrained = str(tmp_path / "REPRODUCTION.md"), str(tmp_path / "pretrained")
-    reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results)
+    readme = tmp_path / "README.md"
+    start, end = reproduce.README_MARKERS
+    readme.write_text(f"intro\n{start}\nold table\n{end}\nafter\n")
+    reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results, str(readme))
     with open(report) as f:
         text = f.read()
     assert "a REDUCED schedule/protocol" in text
@@ -41,6 +44,11 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     for line, record in zip([l for l in text.splitlines() if l.startswith("| no defense") or l.startswith("| adversarial")
                              or l.startswith("| polarizing")], suite["models"]):
         assert line.split(" | ")[5] == f"{100 * record['worst_case_accuracy']:.2f}"
+    # README's marked block now holds the same table; the text around it is kept.
+    table_rows = [l for l in text.splitlines() if l.startswith("| no defense")]
+    updated = readme.read_text()
+    assert updated.startswith(f"intro\n{start}\n") and updated.endswith(f"{end}\nafter\n")
+    assert "old table" not in updated and table_rows[0] in updated
     # Tiny models miss the paper's cells; the report lists what was measured about each of them.
     assert "Cells outside the tolerance" in text
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
