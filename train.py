@@ -28,6 +28,7 @@ def define_flags() -> None:
     flags.DEFINE_float("eps", None, "Attack size of adversarial training (default 0.3 MNIST, 0.1 Fashion-MNIST).")
     flags.DEFINE_integer("adv_steps", 40, "PGD steps per batch of adversarial training.")
     flags.DEFINE_float("adv_step_size", None, "Their size (default eps / 30 * 40 / adv_steps: a reach of 4/3 eps).")
+    flags.DEFINE_integer("adv_warmup_epochs", 0, "Epochs over which adversarial training ramps eps up (0: none).")
     flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
     flags.DEFINE_string("export_dir", None, "Also write the trained model as a TensorFlow SavedModel here.")
     flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
@@ -52,6 +53,7 @@ def main(argv):
             eps=FLAGS.eps,
             adv_steps=FLAGS.adv_steps,
             adv_step_size=FLAGS.adv_step_size,
+            adv_warmup_epochs=FLAGS.adv_warmup_epochs,
         )
         workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}"
         model = training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)

@@ -45,6 +45,7 @@ class Protocol:
     train_examples: int = 0
     adv_epochs_per_stage: int = 20
     adv_steps: int = 40
+    adv_warmup_epochs: int = 0
     num_examples: int = 10000
     steps: int = 100
     restarts: int = 20
@@ -77,6 +78,7 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
             config = Config(dataset=dataset, model=model, train_examples=protocol.train_examples, seed=protocol.seed,
                             epochs_per_stage=protocol.adv_epochs_per_stage if adversarial else protocol.epochs_per_stage,
                             adv_steps=protocol.adv_steps if adversarial else Config.adv_steps,
+                            adv_warmup_epochs=protocol.adv_warmup_epochs if adversarial else 0,
                             steps_per_execution=protocol.steps_per_execution)
             workdir = os.path.join(root, f"{dataset}_{model}")
             training.train_and_evaluate(config, workdir, "all", data_dir)
@@ -152,11 +154,13 @@ def _training_summary(workdir: str) -> dict:
         "seed": config.seed,
         "epochs": len(records),
         "adv_steps": config.adv_steps if config.model == "adversarial" else None,
+        "adv_warmup_epochs": config.adv_warmup_epochs,
         "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,
         "train_seconds": sum(r["epoch_seconds"] for r in records),
         "command": f"python train.py --dataset={config.dataset} --model={config.model} --workdir={workdir} "
                    f"--epochs_per_stage={config.epochs_per_stage} --train_examples={config.train_examples} "
-                   f"--seed={config.seed}" + (f" --adv_steps={config.adv_steps}" if config.model == "adversarial" else ""),
+                   f"--seed={config.seed}" + (f" --adv_steps={config.adv_steps} --adv_warmup_epochs={config.adv_warmup_epochs}"
+                      if config.model == "adversarial" else ""),
         "final_test_accuracy": records[-1]["test_accuracy"] if records else None,
     }
 
@@ -259,7 +263,8 @@ def _gap_notes(result: dict, protocol: Protocol) -> list[str]:
         full_epochs = 3 * (full.adv_epochs_per_stage if model == "adversarial" else full.epochs_per_stage)
         facts = [f"trained {trained['epochs']} epochs (full schedule: {full_epochs})"]
         if trained["adv_steps"] is not None:
-            facts.append(f"on PGD examples of {trained['adv_steps']} steps (full: {full.adv_steps})")
+            facts.append(f"on PGD examples of {trained['adv_steps']} steps (full: {full.adv_steps}), eps ramped up over "
+                         f"{trained['adv_warmup_epochs']} epochs (full: {full.adv_warmup_epochs})")
         facts.append(f"evaluated with {table['config']['restarts']} PGD restart(s) (full: {full.restarts})")
         budget = next((c for c in worst["checks"] if c["name"] == "more_budget"), None)
         if budget:

@@ -149,22 +149,34 @@ def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: 
     }
 
 
-def adversarial_batch(model, config: Config, x: np.ndarray, y: np.ndarray, seed) -> np.ndarray:
+def adversarial_batch(model, config: Config, x: np.ndarray, y: np.ndarray, seed, scale: float = 1.0) -> np.ndarray:
     """Madry et al.'s training input: PGD from a uniform random start in the eps-ball,
-    `adv_steps` steps of `adv_step_size` on the cross-entropy, against the current weights."""
+    `adv_steps` steps of `adv_step_size` on the cross-entropy, against the current weights;
+    eps and the step size times `scale` (the warm-up's ramp)."""
     noise = np.random.default_rng(seed).uniform(-1.0, 1.0, x.shape).astype(np.float32)
     attack = attacks.compiled_attack(model, "ce")
-    x_adv, _, _ = attack(x, y, noise, config.eps, config.adv_step_size, config.adv_steps)
-    attacks.check_adversarial(x_adv, x, config.eps)
+    eps = config.eps * scale
+    x_adv, _, _ = attack(x, y, noise, eps, config.adv_step_size * scale, config.adv_steps)
+    attacks.check_adversarial(x_adv, x, eps)
     return x_adv
+
+
+def adversarial_scale(config: Config, epoch: int, batch: int, batches: int) -> float:
+    """The fraction of eps that batch `batch` (of `batches`) of `epoch` attacks with: a linear ramp
+    over the first `adv_warmup_epochs` epochs (reaching 1 at their last batch), then 1."""
+    if config.adv_warmup_epochs == 0:
+        return 1.0
+    return min(1.0, (epoch * batches + batch + 1) / (config.adv_warmup_epochs * batches))
 
 
 def _adversarial_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """One epoch of adversarial training; returns the mean loss and accuracy on the PGD inputs."""
     total_loss = total_correct = 0.0
+    batches = -(-len(x) // config.batch_size)
     for first in range(0, len(x), config.batch_size):
         xb, yb = x[first : first + config.batch_size], y[first : first + config.batch_size]
-        x_adv = adversarial_batch(model, config, xb, yb, seed=[config.seed, epoch, first])
+        scale = adversarial_scale(config, epoch, first // config.batch_size, batches)
+        x_adv = adversarial_batch(model, config, xb, yb, seed=[config.seed, epoch, first], scale=scale)
         logs = model.train_on_batch(x_adv, yb, return_dict=True)
         if not np.isfinite(logs["loss"]):
             raise FloatingPointError(

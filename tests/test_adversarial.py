@@ -59,3 +59,19 @@ def test_fashion_mnist_settings():
     assert Config(model="adversarial", adv_steps=10, adv_step_size=0.05).adv_step_size == 0.05
     with pytest.raises(ValueError, match="Received: adv_steps=0"):
         Config(model="adversarial", adv_steps=0)
+
+
+def test_warmup_ramps_eps_linearly_batch_by_batch_then_holds(mnist):
+    config = Config(model="adversarial", adv_warmup_epochs=2)
+    # 2 warm-up epochs of 4 batches: 8 batches ramp 1/8, 2/8, ..., 8/8; then the full eps.
+    scales = [training.adversarial_scale(config, epoch, batch, 4) for epoch, batch in [(0, 0), (0, 3), (1, 1), (1, 3), (2, 0)]]
+    assert scales == [1 / 8, 4 / 8, 6 / 8, 1.0, 1.0]
+    assert training.adversarial_scale(Config(model="adversarial"), 0, 0, 4) == 1.0
+    with pytest.raises(ValueError, match="Received: adv_warmup_epochs=-1"):
+        Config(model="adversarial", adv_warmup_epochs=-1)
+    (x_train, y_train), _ = mnist
+    keras.utils.set_random_seed(0)
+    model = models.build_model(config)
+    x_adv = training.adversarial_batch(model, config, x_train[:64], y_train[:64], seed=[0, 0, 0], scale=0.5)
+    distance = np.abs(x_adv - x_train[:64])
+    assert distance.max() <= 0.15 + 1e-6 and distance.max() > 0.1
