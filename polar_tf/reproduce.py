@@ -95,7 +95,7 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
             "table": _evaluate_once(paths, table, os.path.join(results_dir, f"{dataset}_table"), data_dir),
             "sweep": _evaluate_once(paths, sweep, os.path.join(results_dir, f"{dataset}_sweep"), data_dir),
             "adaptive": _adaptive_once(paths, suite, os.path.join(results_dir, f"{dataset}_adaptive"), data_dir),
-            "training": [_training_summary(os.path.dirname(p)) for p in paths],
+            "training": [_training_summary(os.path.dirname(p), results_dir) for p in paths],
         }
         if pretrained_dir:
             _ship_pretrained(paths, pretrained_dir)
@@ -145,10 +145,18 @@ def _flags(paths: list[str], config: evaluation.EvalConfig, output_dir: str) -> 
     return out
 
 
-def _training_summary(workdir: str) -> dict:
+def _training_summary(workdir: str, results_dir: str) -> dict:
+    """The run's settings and cost; its training figures are copied next to the evaluations."""
     config = runfiles.read_config(workdir)
     records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    plots = os.path.join(workdir, "plots")
+    figures = sorted(os.listdir(plots)) if os.path.isdir(plots) else []
+    figures_dir = os.path.join(results_dir, f"{config.dataset}_{config.model}_training")
+    for name in figures:
+        os.makedirs(figures_dir, exist_ok=True)
+        shutil.copyfile(os.path.join(plots, name), os.path.join(figures_dir, name))
     return {
+        "figures": [os.path.join(figures_dir, name) for name in figures],
         "workdir": workdir,
         "model": config.model,
         "seed": config.seed,
@@ -202,6 +210,11 @@ def reproduction_markdown(results: dict, protocol: Protocol, base: str) -> str:
             r = result[name]
             lines.append(f"| evaluate ({name}) | `{r['command']}` | {r['config']['seed']} | - | "
                          f"{r['total_seconds']:.0f} s | - |")
+        for t in result["training"]:
+            stage2 = [f for f in t["figures"] if os.path.basename(f).startswith("stage2_")]
+            if stage2:
+                lines += ["", f"The {t['model']} model's front end after stage 2 (filters, histogram of z):", "",
+                          *[f"![{os.path.basename(f)}]({os.path.relpath(f, base)})" for f in stage2]]
         lines += ["", f"Backend {table['backend']}, device {table['device']}.", ""]
         lines += _gap_notes(result, protocol)
     lines += ["## Protocol", "", "| setting | value | full protocol |", "|---|---|---|"]

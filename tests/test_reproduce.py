@@ -49,6 +49,9 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     updated = readme.read_text()
     assert updated.startswith(f"intro\n{start}\n") and updated.endswith(f"{end}\nafter\n")
     assert "old table" not in updated and table_rows[0] in updated
+    # The polarized model's training figures are copied beside the evaluations and shown.
+    assert os.path.isfile(os.path.join(results, "mnist_polarized_training", "stage2_histogram.png"))
+    assert "](results/mnist_polarized_training/stage2_histogram.png)" in text
     # Tiny models miss the paper's cells; the report lists what was measured about each of them.
     assert "Cells outside the tolerance" in text
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
