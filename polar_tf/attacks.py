@@ -99,6 +99,18 @@ def per_example_loss(logits, y, loss: str = "ce"):
     return ops.where(ops.stop_gradient(log_odds) <= _CE_UNDERFLOW_LOG, mse, cross_entropy)
 
 
+def ce_falls_back(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per example, whether the "ce" loss takes the reference's MSE fallback at these logits: the
+    examples so confident that maximizing that loss can raise the true logit rather than lower it."""
+    logits = np.asarray(logits, np.float64)
+    rows = np.arange(len(y))
+    others = logits - logits[rows, y][:, None]
+    others[rows, y] = -np.inf
+    top = others.max(axis=1)
+    log_odds = top + np.log(np.exp(others - top[:, None]).sum(axis=1))
+    return log_odds <= _CE_UNDERFLOW_LOG
+
+
 def project(x_adv, x, eps, clip_min: float = 0.0, clip_max: float = 1.0):
     """Projects x_adv onto {x' : ||x' - x||_inf <= eps, clip_min <= x' <= clip_max} (elementwise)."""
     low = ops.maximum(x - eps, clip_min)

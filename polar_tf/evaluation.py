@@ -244,6 +244,8 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig):
     clean_correct = models.correct(model, x, y)
     clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
+    with attacks.saturated(model):
+        fallback = float(np.mean(attacks.ce_falls_back(model.predict(x, batch_size=1000, verbose=0), y)))
     runs, adversarial = [], None
     survives = {}  # eps -> per example, correct under every attack run at that eps
     for eps in config.eps_values:
@@ -276,6 +278,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig):
         "path": os.path.abspath(path),
         "has_frontend": models.get_frontend(model) is not None,
         "clean_accuracy": clean,
+        "ce_fallback_fraction": fallback,  # clean images where the "ce" loss is the reference's MSE
         "accuracy": {r["attack"]: r["accuracy"] for r in at_eps},
         "seconds": {r["attack"]: r["seconds"] for r in at_eps},
         "runs": runs,

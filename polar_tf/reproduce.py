@@ -91,9 +91,12 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
                                         apgd_iterations=protocol.apgd_iterations,
                                         square_queries=protocol.square_queries, transfer_from=paths[0],
                                         check_examples=min(protocol.adaptive_examples, adaptive.AdaptiveConfig.check_examples))
+        # A control for BIM: the margin loss, which has no fallback (see attacks.ce_falls_back).
+        bim_margin = dataclasses.replace(table, attacks=("bim",), loss="cw", certify=False)
         results[dataset] = {
             "table": _evaluate_once(paths, table, os.path.join(results_dir, f"{dataset}_table"), data_dir),
             "sweep": _evaluate_once(paths, sweep, os.path.join(results_dir, f"{dataset}_sweep"), data_dir),
+            "bim_margin": _evaluate_once(paths, bim_margin, os.path.join(results_dir, f"{dataset}_bim_margin"), data_dir),
             "adaptive": _adaptive_once(paths, suite, os.path.join(results_dir, f"{dataset}_adaptive"), data_dir),
             "training": [_training_summary(os.path.dirname(p), results_dir) for p in paths],
         }
@@ -140,6 +143,10 @@ def _flags(paths: list[str], config: evaluation.EvalConfig, output_dir: str) -> 
            f"--steps={config.steps}", f"--restarts={config.restarts}", f"--seed={config.seed}", f"--output_dir={output_dir}"]
     if config.eps_sweep:
         out.append(f"--eps_sweep={SWEEP}")
+    if config.attacks != evaluation.EvalConfig.attacks:
+        out.append(f"--attacks={','.join(config.attacks)}")
+    if config.loss != evaluation.EvalConfig.loss:
+        out.append(f"--loss={config.loss}")
     if config.certify:
         out.append("--certify")
     return out
@@ -164,6 +171,7 @@ def _training_summary(workdir: str, results_dir: str) -> dict:
         "adv_steps": config.adv_steps if config.model == "adversarial" else None,
         "adv_warmup_epochs": config.adv_warmup_epochs,
         "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,
+        "frac_change_per_epoch": _stage2_trend(records),
         "train_seconds": sum(r["epoch_seconds"] for r in records),
         "command": f"python train.py --dataset={config.dataset} --model={config.model} --workdir={workdir} "
                    f"--epochs_per_stage={config.epochs_per_stage} --train_examples={config.train_examples} "
@@ -171,6 +179,15 @@ def _training_summary(workdir: str, results_dir: str) -> dict:
                       if config.model == "adversarial" else ""),
         "final_test_accuracy": records[-1]["test_accuracy"] if records else None,
     }
+
+
+def _stage2_trend(records: list[dict], last: int = 5) -> float | None:
+    """Per-epoch change of the fraction of front-end outputs within eps of a jump over the last
+    `last` epochs of stage 2 (the front end is frozen after it); None for other models."""
+    fractions = [r["frac_within_eps_of_jump"] for r in records if r["stage"] == 2 and "frac_within_eps_of_jump" in r][-last:]
+    if len(fractions) < 2:
+        return None
+    return (fractions[-1] - fractions[0]) / (len(fractions) - 1)
 
 
 def _ship_pretrained(paths: list[str], folder: str) -> None:
@@ -206,7 +223,7 @@ def reproduction_markdown(results: dict, protocol: Protocol, base: str) -> str:
         for t in result["training"]:
             lines.append(f"| train {t['model']} | `{t['command']}` | {t['seed']} | {t['epochs']} | "
                          f"{t['train_seconds']:.0f} s | {100 * t['final_test_accuracy']:.2f} |")
-        for name in ("table", "sweep", "adaptive"):
+        for name in ("table", "sweep", "bim_margin", "adaptive"):
             r = result[name]
             lines.append(f"| evaluate ({name}) | `{r['command']}` | {r['config']['seed']} | - | "
                          f"{r['total_seconds']:.0f} s | - |")
@@ -268,7 +285,8 @@ def _gap_notes(result: dict, protocol: Protocol) -> list[str]:
     table, suite = result["table"], result["adaptive"]
     paper, full = evaluation.PAPER_RESULTS[table["dataset"]], Protocol()
     notes = []
-    for (model, row), record, worst, trained in zip(ROWS, table["models"], suite["models"], result["training"]):
+    for (model, row), record, worst, trained, control in zip(ROWS, table["models"], suite["models"], result["training"],
+                                                            result["bim_margin"]["models"]):
         ours = [record["clean_accuracy"]] + [record["accuracy"][a] for a in COLUMNS[1:]]
         off = [f"{c} {100 * v - p:+.1f}" for c, v, p in zip(COLUMNS, ours, paper[row]) if abs(100 * v - p) > TOLERANCE[c]]
         if not off:
@@ -284,10 +302,18 @@ def _gap_notes(result: dict, protocol: Protocol) -> list[str]:
             moved = max(budget["base_accuracy"] - v for v in budget["doubled_accuracy"].values())
             facts.append(f"doubling PGD's restarts or APGD's iterations lowered accuracy by {100 * moved:.1f} points "
                          f"(noise level {100 * budget['noise_level']:.1f}) on {budget['examples']} images")
-        facts.append(f"per-example worst case of the adaptive suite {100 * worst['worst_case_accuracy']:.1f}%")
+        facts.append(f"BIM with the margin loss instead of the cross-entropy leaves {100 * control['accuracy']['bim']:.1f}% "
+                     f"(the cross-entropy takes the reference's MSE fallback on {100 * control['ce_fallback_fraction']:.1f}% "
+                     "of the clean images)")
+        facts.append(f"per-example worst case of the adaptive suite {100 * worst['worst_case_accuracy']:.1f}% "
+                     f"(on the first {suite['num_examples']} images)")
         if trained["frac_within_eps_of_jump"] is not None:
-            facts.append(f"{100 * trained['frac_within_eps_of_jump']:.1f}% of the front-end outputs on training "
-                         "images lie within eps of a jump at the last epoch")
+            fact = (f"{100 * trained['frac_within_eps_of_jump']:.1f}% of the front-end outputs on training "
+                    "images lie within eps of a jump at the last epoch")
+            if trained["frac_change_per_epoch"] is not None:
+                fact += (f", a fraction still changing by {100 * trained['frac_change_per_epoch']:+.2f} points per epoch "
+                         "at the end of stage 2")
+            facts.append(fact)
         certified = [c for c in record.get("certified", []) if c["eps"] == table["eps"]]
         if certified and certified[0].get("mean_changeable_outputs") is not None:
             facts.append(f"an eps-attack can flip {certified[0]['mean_changeable_outputs']:.0f} front-end outputs "

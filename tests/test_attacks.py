@@ -100,6 +100,11 @@ def test_per_example_loss_values():
     np.testing.assert_allclose(ce[2], (39.0**2) / 10, rtol=1e-6)
     cw = ops.convert_to_numpy(attacks.per_example_loss(logits, y, "cw"))
     np.testing.assert_array_equal(cw, [-1.0, -30.0, -40.0, 100.0, 2.0])
+    # log(9 e^-40) = -37.8 <= -53 ln 2 = -36.7: only the example at 40 takes the fallback.
+    np.testing.assert_array_equal(attacks.ce_falls_back(logits, y), [False, False, True, False, False])
+    # ... and, on the fallback, maximizing the MSE raises the true logit further.
+    grad = ops.convert_to_numpy(backend.gradient(lambda l: ops.sum(attacks.per_example_loss(l, y, "ce")), logits))
+    assert grad[2, 0] > 0
 
 
 def test_cross_entropy_gradient_does_not_vanish_on_confident_examples():

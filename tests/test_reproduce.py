@@ -54,8 +54,18 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     assert "](results/mnist_polarized_training/stage2_histogram.png)" in text
     # Tiny models miss the paper's cells; the report lists what was measured about each of them.
     assert "Cells outside the tolerance" in text
+    assert "BIM with the margin loss instead of the cross-entropy leaves" in text
+    assert os.path.isfile(os.path.join(results, "mnist_bim_margin", "results.json"))
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
-    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in ("table", "sweep", "adaptive")]
+    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in ("table", "sweep", "bim_margin", "adaptive")]
     before = [os.path.getmtime(p) for p in outputs]
     reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results)  # nothing to redo
     assert [os.path.getmtime(p) for p in outputs] == before
+
+
+def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage_2():
+    records = [{"stage": 1, "frac_within_eps_of_jump": 0.5}]
+    records += [{"stage": 2, "frac_within_eps_of_jump": f} for f in (0.30, 0.20, 0.16, 0.12, 0.10, 0.08)]
+    records += [{"stage": 3, "frac_within_eps_of_jump": 0.08}]
+    assert reproduce._stage2_trend(records) == pytest.approx((0.08 - 0.20) / 4)
+    assert reproduce._stage2_trend([{"stage": 1, "loss": 0.1}]) is None  # a model without a front end
