@@ -93,7 +93,7 @@ def main(argv):
             certify=FLAGS.certify,
         )
         results = evaluation.evaluate(
-            FLAGS.model_path or [], config, FLAGS.output_dir, FLAGS.data_dir, command=" ".join(sys.argv)
+            FLAGS.model_path or [], config, FLAGS.output_dir, FLAGS.data_dir, command=" ".join(["python", *sys.argv])
         )
         print(evaluation.results_markdown(results), end="")
         print(f"\nResults and plots in {results['output_dir']}")
@@ -110,7 +110,7 @@ def run_adaptive(dataset: str) -> None:
         check_examples=FLAGS.check_examples,
     )
     results = adaptive.evaluate_adaptive(
-        FLAGS.model_path or [], config, FLAGS.output_dir, FLAGS.data_dir, command=" ".join(sys.argv)
+        FLAGS.model_path or [], config, FLAGS.output_dir, FLAGS.data_dir, command=" ".join(["python", *sys.argv])
     )
     print(adaptive.results_markdown(results), end="")
     print(f"\nResults in {results['output_dir']}")

@@ -12,6 +12,10 @@ certificate (`evaluate.py --certify`) on each model.
 Resumable: training picks up from its per-epoch checkpoints, and an evaluation whose results.json
 already holds the same settings is not run again, so an interrupted run continues where it stopped
 when the same command is given again. REPRODUCTION.md is generated from the results files only.
+
+`--further_results` adds a section on other runs of these models (other seeds, jumps, schedules),
+from the results folders of their own `evaluate.py` calls (either suite): how each was trained,
+how polarized its front end ended, and its accuracy beside the paper's.
 """
 
 from __future__ import annotations
@@ -63,12 +67,15 @@ class Protocol:
 
 
 def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str | None, report: str,
-              pretrained_dir: str | None, results_dir: str | None = None, readme: str | None = None) -> None:
+              pretrained_dir: str | None, results_dir: str | None = None, readme: str | None = None,
+              further_results: tuple[str, ...] = ()) -> None:
     """Trains, evaluates and reports; every step skips work already done.
 
     Training runs go to `root` (with their per-epoch checkpoints), evaluations to `results_dir`
     (default: `root`), the trained models to `pretrained_dir` (if given), the tables also into the
-    marked block of `readme` (if given)."""
+    marked block of `readme` (if given). `further_results` are results folders of other runs,
+    reported in a section of their own."""
+    further = further_runs(further_results)  # read first: a bad folder fails before any work
     results_dir = results_dir or root
     results = {}
     for dataset in datasets:
@@ -102,7 +109,8 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
         }
         if pretrained_dir:
             _ship_pretrained(paths, pretrained_dir)
-    runfiles.write_text(report, reproduction_markdown(results, protocol, os.path.dirname(os.path.abspath(report))))
+    base = os.path.dirname(os.path.abspath(report))
+    runfiles.write_text(report, reproduction_markdown(results, protocol, base) + further_markdown(further, base))
     logging.info("Wrote %s", report)
     if readme and update_readme(readme, results, protocol):
         logging.info("Updated the table in %s", readme)
@@ -324,6 +332,74 @@ def _gap_notes(result: dict, protocol: Protocol) -> list[str]:
     return ["Cells outside the tolerance, with what was measured about each model:", "", *notes, ""]
 
 
+def further_runs(folders: tuple[str, ...]) -> dict:
+    """The models of other evaluations (results folders of evaluate.py, either suite), merged by model
+    path, each with how it was trained (from its run folder, where that is at hand)."""
+    models, sources = {}, []
+    for folder in folders:
+        path = os.path.join(folder, "results.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} does not exist: --further_results takes results folders of evaluate.py")
+        with open(path) as f:
+            results = json.load(f)
+        sources.append(results)
+        for record in results["models"]:
+            model = models.setdefault(record["path"], {"label": record["label"], "dataset": results["dataset"],
+                                                       "accuracy": {}, "trained": _trained(record["path"])})
+            if "worst_case_accuracy" in record:  # the adaptive suite
+                model["accuracy"]["adaptive"] = record["worst_case_accuracy"]
+            else:
+                model["accuracy"].update(record["accuracy"], clean=record["clean_accuracy"])
+    return {"models": list(models.values()), "sources": sources}
+
+
+def _trained(model_path: str) -> dict | None:
+    workdir = os.path.dirname(model_path)
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        return None
+    config = runfiles.read_config(workdir)
+    records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    return {"model": config.model, "seed": config.seed, "jump": config.jump, "epochs": len(records),
+            "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None}
+
+
+def further_markdown(further: dict, base: str) -> str:
+    """The report's section on other runs: one row per model, the paper's cell differences beside."""
+    if not further["models"]:
+        return ""
+    names = {model: row for model, row in ROWS}
+    columns = ("clean", "fgsm", "bim", "pgd", "adaptive")
+    lines = ["", "## Further runs", "",
+             "Other runs of the models above, each evaluated by its own command (below). `near a jump`: the "
+             "fraction of the front-end outputs on training images within eps of a jump at the last epoch. "
+             "Accuracy (%), with the difference to the paper's cell in brackets; `adaptive` is the adaptive "
+             "suite's per-example worst case.", "",
+             "| dataset | model | seed | jump | epochs | near a jump | " + " | ".join(c if c in ("clean", "adaptive") else c.upper()
+                                                                                for c in columns) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(columns)]
+    for model in further["models"]:
+        trained = model["trained"] or {}
+        paper = evaluation.PAPER_RESULTS[model["dataset"]].get(names.get(trained.get("model")))
+        cells = []
+        for column in columns:
+            value = model["accuracy"].get(column)
+            if value is None:
+                cells.append("-")
+            elif paper and column in COLUMNS:
+                cells.append(f"{100 * value:.2f} ({100 * value - paper[COLUMNS.index(column)]:+.1f})")
+            else:
+                cells.append(f"{100 * value:.2f}")
+        near = trained.get("frac_within_eps_of_jump")
+        lines.append(f"| {model['dataset']} | {model['label']} | {trained.get('seed', '-')} | {trained.get('jump', '-')} | "
+                     f"{trained.get('epochs', '-')} | {'-' if near is None else f'{100 * near:.1f}%'} | " + " | ".join(cells) + " |")
+    lines += ["", "Evaluations:", ""]
+    for source in further["sources"]:
+        lines.append(f"- `{source['command']}` ({source['num_examples']} test images, {source['total_seconds']:.0f} s; "
+                     f"backend {source['backend']}, device {source['device']}; "
+                     f"{os.path.relpath(os.path.join(source['output_dir'], 'results.md'), base)})")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
@@ -331,7 +407,8 @@ def main(argv):
     def body():
         datasets = list(DATASETS) if f.dataset == "all" else [f.dataset]
         protocol = Protocol(**{field.name: getattr(f, field.name) for field in dataclasses.fields(Protocol)})
-        reproduce(datasets, protocol, f.workdir, f.data_dir, f.report, f.pretrained_dir, f.results_dir, f.readme)
+        reproduce(datasets, protocol, f.workdir, f.data_dir, f.report, f.pretrained_dir, f.results_dir, f.readme,
+                  tuple(f.further_results))
 
     cli.run_main("polar_tf.reproduce", body)
 
@@ -344,6 +421,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("report", "REPRODUCTION.md", "The report to write.")
     flags.DEFINE_string("readme", "README.md", "Also put the tables into this file's marked block ('' to skip).")
     flags.DEFINE_string("pretrained_dir", "pretrained", "Copy the trained models here ('' to skip).")
+    flags.DEFINE_list("further_results", [], "Results folders of evaluate.py runs on other models to report too.")
     for name, default in dataclasses.asdict(Protocol()).items():
         flags.DEFINE_integer(name, default, f"Protocol setting (paper: {default}).")
     app.run(main)

@@ -69,3 +69,31 @@ def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage
     records += [{"stage": 3, "frac_within_eps_of_jump": 0.08}]
     assert reproduce._stage2_trend(records) == pytest.approx((0.08 - 0.20) / 4)
     assert reproduce._stage2_trend([{"stage": 1, "loss": 0.1}]) is None  # a model without a front end
+
+
+def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_differences(tmp_path):
+    workdir = tmp_path / "runs" / "fashion_seed1"
+    runfiles.write_json(str(workdir / "config.json"),
+                        reproduce.Config(dataset="fashion_mnist", model="polarized", seed=1, epochs_per_stage=1).to_dict())
+    log = runfiles.MetricsLog(str(workdir / "metrics.jsonl"))
+    for epoch, frac in enumerate((0.2, 0.1, 0.05)):
+        log.append({"epoch": epoch, "stage": epoch + 1, "frac_within_eps_of_jump": frac})
+    model = str(workdir / "stage3.keras")
+    common = {"dataset": "fashion_mnist", "num_examples": 1000, "total_seconds": 12.0, "backend": "tensorflow", "device": "CPU"}
+    table = {**common, "command": "python evaluate.py --x", "output_dir": str(tmp_path / "table"),
+             "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.873,
+                         "accuracy": {"fgsm": 0.5, "bim": 0.25, "pgd": 0.2}}]}
+    suite = {**common, "command": "python evaluate.py --suite=adaptive", "output_dir": str(tmp_path / "adaptive"),
+             "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.9, "worst_case_accuracy": 0.125}]}
+    for name, results in (("table", table), ("adaptive", suite)):
+        runfiles.write_json(str(tmp_path / name / "results.json"), results)
+    further = reproduce.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive")))
+    assert len(further["models"]) == 1
+    text = reproduce.further_markdown(further, str(tmp_path))
+    # The paper's polarized Fashion-MNIST row is 87.3 / 69.4 / 54.9 / 44.5; clean comes from the table, not the suite.
+    row = "| fashion_mnist | fashion_seed1/stage3 | 1 | 0.2 | 3 | 5.0% | 87.30 (+0.0) | 50.00 (-19.4) | 25.00 (-29.9) | 20.00 (-24.5) | 12.50 |"
+    assert row in text.splitlines()
+    assert "- `python evaluate.py --suite=adaptive` (1000 test images, 12 s; backend tensorflow, device CPU; adaptive/results.md)" in text
+    assert reproduce.further_markdown(reproduce.further_runs(()), str(tmp_path)) == ""
+    with pytest.raises(ValueError, match="results folders of evaluate.py"):
+        reproduce.further_runs((str(tmp_path / "runs"),))
