@@ -263,7 +263,7 @@ def evaluate_adaptive(
     source = None
     if config.transfer_from:
         source = runfiles.load_model(runfiles.resolve_model_path(config.transfer_from), compile=False)
-    output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "adaptive")
+    output_dir = output_dir or os.path.join(os.path.dirname(paths[0]), "adaptive")
     x, y = data.load(config.dataset, "test", data_dir)
     if config.num_examples > len(x):
         raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
@@ -448,7 +448,7 @@ def reproduce_command(paths: Sequence[str], config: AdaptiveConfig, output_dir: 
     for flag, value in flags.items():
         if value is not None and value != defaults.get(flag):
             args.append(f"--{flag}={value}")
-    args.append(f"--output_dir={os.path.abspath(output_dir)}")
+    args.append(f"--output_dir={output_dir}")  # as given, like the model paths
     return " ".join(shlex.quote(a) if " " in a else a for a in args)
 
 

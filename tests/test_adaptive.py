@@ -205,7 +205,7 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained, tmp_path):
     ]
     assert model["attacks"]["square"]["queries_max"] <= 20
     for flag in ("--suite=adaptive", "--num_examples=20", "--steps=2", "--restarts=1", "--apgd_iterations=3",
-                 "--square_queries=20", "--check_examples=20", f"--transfer_from={path}"):
+                 "--square_queries=20", "--check_examples=20", f"--transfer_from={path}", f"--output_dir={out}"):
         assert flag in results["reproduce"]
     assert results["reproduce"] in done.stdout and "| worst case |" in done.stdout
     assert "Sanity checks" in (out / "results.md").read_text()
