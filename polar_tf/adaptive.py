@@ -160,7 +160,7 @@ def describe(name: str, config: AdaptiveConfig, eps: float) -> str:
         "fgsm": "one signed-gradient step of size eps",
         "pgd": f"{config.pgd_steps} steps of {eps / 10:.4g} from a uniform random start, {config.pgd_restarts} "
                "restarts (worst case per example)",
-        "apgd-ce": f"{config.apgd_iterations} iterations, {config.apgd_restarts} restart(s), cross-entropy",
+        "apgd-ce": f"{config.apgd_iterations} iterations, {config.apgd_restarts} restart(s), cross-entropy (no fallback)",
         "apgd-dlr": f"{config.apgd_iterations} iterations, {config.apgd_restarts} restart(s), DLR loss",
         "square": f"{config.square_queries} queries per example at most, p_init {config.square_p_init:g}, margin loss",
         "transfer": f"PGD ({config.pgd_steps} steps, {config.pgd_restarts} restarts) on {config.transfer_from}",

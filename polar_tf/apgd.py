@@ -19,9 +19,11 @@ All of this state (step size, counters, best points) is per example. One iterati
 compiled function (`backend.compile_model_function`), traced once per batch shape, called in a
 Python loop; the state stays on the device between calls.
 
-Losses (maximized): "ce" is `attacks.per_example_loss(..., "ce")`; "dlr" is the difference of
-logits ratio -(z_y - max_{i != y} z_i) / max(z_pi1 - z_pi3, 1e-12), z_pi1 >= z_pi2 >= z_pi3 the
-three largest logits: invariant to shifting and scaling the logits.
+Losses (maximized): "ce" is the cross-entropy (`attacks.cross_entropy`), as in Croce & Hein:
+without the MSE fallback of the paper's attacks, whose maximization can raise the true logit of a
+confident example. "dlr" is the difference of logits ratio
+-(z_y - max_{i != y} z_i) / max(z_pi1 - z_pi3, 1e-12), z_pi1 >= z_pi2 >= z_pi3 the three largest
+logits: invariant to shifting and scaling the logits.
 
 Result per example: the last point that fooled the model if any did, else the point of highest
 loss. As in the reference, examples the model already misclassifies are returned unchanged (x
@@ -65,7 +67,7 @@ def objective(loss: str):
     if loss == "dlr":
         return dlr_loss
     if loss == "ce":
-        return lambda logits, y: attacks.per_example_loss(logits, y, "ce")
+        return attacks.cross_entropy
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
 
 

@@ -87,16 +87,26 @@ def per_example_loss(logits, y, loss: str = "ce"):
       A [batch] tensor.
     """
     _check_choice("loss", loss, LOSSES)
-    onehot = ops.one_hot(ops.cast(y, "int32"), logits.shape[-1], dtype=logits.dtype)
-    true_logit = ops.sum(logits * onehot, axis=-1)
-    others = ops.where(onehot > 0, _MASKED_LOGIT, logits)
+    onehot, true_logit, others = _split_logits(logits, y)
     if loss == "cw":
         return ops.max(others, axis=-1) - true_logit
-    # log sum_{j != y} exp(l_j - l_y); the cross-entropy is log(1 + exp(that)).
     log_odds = ops.logsumexp(others - true_logit[:, None], axis=-1)
-    cross_entropy = ops.softplus(log_odds)
     mse = ops.mean(ops.square(logits - onehot), axis=-1)
-    return ops.where(ops.stop_gradient(log_odds) <= _CE_UNDERFLOW_LOG, mse, cross_entropy)
+    return ops.where(ops.stop_gradient(log_odds) <= _CE_UNDERFLOW_LOG, mse, ops.softplus(log_odds))
+
+
+def cross_entropy(logits, y):
+    """-log softmax(logits)_y per example, [batch], without the reference's fallback: computed as
+    softplus(log sum_{j != y} exp(l_j - l_y)), so that its gradient does not vanish in float32 on
+    confident examples."""
+    _, true_logit, others = _split_logits(logits, y)
+    return ops.softplus(ops.logsumexp(others - true_logit[:, None], axis=-1))
+
+
+def _split_logits(logits, y):
+    """(one-hot labels, the true class's logit, the logits with the true class masked out)."""
+    onehot = ops.one_hot(ops.cast(y, "int32"), logits.shape[-1], dtype=logits.dtype)
+    return onehot, ops.sum(logits * onehot, axis=-1), ops.where(onehot > 0, _MASKED_LOGIT, logits)
 
 
 def ce_falls_back(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

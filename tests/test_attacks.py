@@ -117,6 +117,18 @@ def test_cross_entropy_gradient_does_not_vanish_on_confident_examples():
     np.testing.assert_allclose(grad[0, 0], -9 * p, rtol=1e-5)  # p_y - 1: exactly 0 in naive float32
 
 
+def test_plain_cross_entropy_has_no_fallback_and_lowers_the_true_logit_where_the_reference_loss_raises_it():
+    logits = np.zeros((2, 10), np.float32)
+    logits[0, :2] = [2.0, 1.0]
+    logits[1, 0] = 40.0  # the reference's loss takes the MSE fallback here
+    y = np.zeros(2, np.int32)
+    ce = ops.convert_to_numpy(attacks.cross_entropy(logits, y)).astype(np.float64)
+    np.testing.assert_allclose(ce[0], math.log(math.exp(2.0) + math.e + 8) - 2.0, rtol=1e-6)
+    np.testing.assert_allclose(ce[1], 9 * math.exp(-40.0), rtol=1e-5)  # log(1 + s) = s - s^2/2 ...
+    grad = ops.convert_to_numpy(backend.gradient(lambda l: ops.sum(attacks.cross_entropy(l, y)), logits))
+    assert grad[1, 0] < 0 and np.all(grad[1, 1:] > 0)
+
+
 def test_check_adversarial():
     x = np.full((2, 3), 0.5, np.float32)
     attacks.check_adversarial(x + np.float32(0.1) + np.float32(5e-7), x, 0.1)  # float32 slack is fine
