@@ -11,7 +11,10 @@ certificate (`evaluate.py --certify`) on each model.
 
 Resumable: training picks up from its per-epoch checkpoints, and an evaluation whose results.json
 already holds the same settings is not run again, so an interrupted run continues where it stopped
-when the same command is given again. REPRODUCTION.md is generated from the results files only.
+when the same command is given again. A fresh checkout has no run folders: a model that pretrained/
+ships with exactly the config the protocol asks for is evaluated instead of trained again, so the
+reduced protocol's report is regenerated from the shipped models. REPRODUCTION.md is generated from
+the results files only.
 
 `--further_results` adds a section on other runs of these models (other seeds, jumps, schedules),
 from the results folders of their own `evaluate.py` calls (either suite): how each was trained,
@@ -72,14 +75,15 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
     """Trains, evaluates and reports; every step skips work already done.
 
     Training runs go to `root` (with their per-epoch checkpoints), evaluations to `results_dir`
-    (default: `root`), the trained models to `pretrained_dir` (if given), the tables also into the
+    (default: `root`), the trained models to `pretrained_dir` (if given; a model shipped there with
+    the same config and no run of its own in `root` is used as it is), the tables also into the
     marked block of `readme` (if given). `further_results` are results folders of other runs,
     reported in a section of their own."""
     further = further_runs(further_results)  # read first: a bad folder fails before any work
     results_dir = results_dir or root
     results = {}
     for dataset in datasets:
-        paths = []
+        paths, workdirs = [], []
         for model, _ in ROWS:
             adversarial = model == "adversarial"
             config = Config(dataset=dataset, model=model, train_examples=protocol.train_examples, seed=protocol.seed,
@@ -88,8 +92,11 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
                             adv_warmup_epochs=protocol.adv_warmup_epochs if adversarial else 0,
                             steps_per_execution=protocol.steps_per_execution)
             workdir = os.path.join(root, f"{dataset}_{model}")
-            training.train_and_evaluate(config, workdir, "all", data_dir)
-            paths.append(runfiles.final_checkpoint(workdir))
+            shipped = _shipped(pretrained_dir, config, workdir)
+            if shipped is None:
+                training.train_and_evaluate(config, workdir, "all", data_dir)
+            paths.append(shipped or runfiles.final_checkpoint(workdir))
+            workdirs.append(workdir)
         table = evaluation.EvalConfig(dataset=dataset, num_examples=protocol.num_examples, steps=protocol.steps,
                                       restarts=protocol.restarts, seed=protocol.seed, certify=True)
         sweep = dataclasses.replace(table, num_examples=protocol.sweep_examples, eps_sweep=evaluation.parse_eps_sweep(SWEEP), restarts=1)
@@ -105,15 +112,46 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
             "sweep": _evaluate_once(paths, sweep, os.path.join(results_dir, f"{dataset}_sweep"), data_dir),
             "bim_margin": _evaluate_once(paths, bim_margin, os.path.join(results_dir, f"{dataset}_bim_margin"), data_dir),
             "adaptive": _adaptive_once(paths, suite, os.path.join(results_dir, f"{dataset}_adaptive"), data_dir),
-            "training": [_training_summary(os.path.dirname(p), results_dir) for p in paths],
+            "training": [_training_summary(p, w, results_dir) for p, w in zip(paths, workdirs)],
         }
         if pretrained_dir:
-            _ship_pretrained(paths, pretrained_dir)
+            _ship_pretrained([p for p in paths if not _is_shipped(p)], pretrained_dir)
     base = os.path.dirname(os.path.abspath(report))
     runfiles.write_text(report, reproduction_markdown(results, protocol, base) + further_markdown(further, base))
     logging.info("Wrote %s", report)
     if readme and update_readme(readme, results, protocol):
         logging.info("Updated the table in %s", readme)
+
+
+def _shipped(pretrained_dir: str | None, config: Config, workdir: str) -> str | None:
+    """The shipped model trained with exactly `config`, where `workdir` holds no run of its own
+    (a fresh checkout): it is evaluated instead of training again. None where there is none."""
+    if not pretrained_dir or os.path.isfile(os.path.join(workdir, "config.json")):
+        return None
+    stem = os.path.join(pretrained_dir, f"{config.dataset}_{config.model}")
+    if not all(os.path.isfile(stem + suffix) for suffix in (".keras", ".config.json", ".metrics.jsonl")):
+        return None
+    with open(stem + ".config.json") as f:
+        if Config.from_dict(json.load(f)) != config:
+            return None
+    logging.info("%s holds no run; evaluating the shipped %s.keras, trained with the same config", workdir, stem)
+    return stem + ".keras"
+
+
+def _is_shipped(model_path: str) -> bool:
+    return os.path.isfile(model_path[: -len(".keras")] + ".config.json")
+
+
+def _run_record(model_path: str) -> tuple[Config, list[dict]] | None:
+    """How a model was trained: its config and per-epoch metrics, from beside a shipped model
+    (<name>.config.json, <name>.metrics.jsonl) or from its run folder; None where neither is."""
+    stem, workdir = model_path[: -len(".keras")], os.path.dirname(model_path)
+    for config_path, metrics_path in ((stem + ".config.json", stem + ".metrics.jsonl"),
+                                      (os.path.join(workdir, "config.json"), os.path.join(workdir, "metrics.jsonl"))):
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                return Config.from_dict(json.load(f)), runfiles.MetricsLog(metrics_path).read()
+    return None
 
 
 def _evaluate_once(paths: list[str], config: evaluation.EvalConfig, output_dir: str, data_dir: str | None) -> dict:
@@ -160,16 +198,18 @@ def _flags(paths: list[str], config: evaluation.EvalConfig, output_dir: str) -> 
     return out
 
 
-def _training_summary(workdir: str, results_dir: str) -> dict:
-    """The run's settings and cost; its training figures are copied next to the evaluations."""
-    config = runfiles.read_config(workdir)
-    records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+def _training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
+    """The run's settings and cost; its training figures are copied next to the evaluations.
+
+    A shipped model has its config and metrics beside it (pretrained/<name>.config.json and
+    .metrics.jsonl) and no figures of its own: the ones copied when it was trained are kept."""
+    config, records = _run_record(model_path)
     plots = os.path.join(workdir, "plots")
-    figures = sorted(os.listdir(plots)) if os.path.isdir(plots) else []
     figures_dir = os.path.join(results_dir, f"{config.dataset}_{config.model}_training")
-    for name in figures:
+    for name in sorted(os.listdir(plots)) if os.path.isdir(plots) else []:
         os.makedirs(figures_dir, exist_ok=True)
         shutil.copyfile(os.path.join(plots, name), os.path.join(figures_dir, name))
+    figures = sorted(os.listdir(figures_dir)) if os.path.isdir(figures_dir) else []
     return {
         "figures": [os.path.join(figures_dir, name) for name in figures],
         "workdir": workdir,
@@ -354,11 +394,10 @@ def further_runs(folders: tuple[str, ...]) -> dict:
 
 
 def _trained(model_path: str) -> dict | None:
-    workdir = os.path.dirname(model_path)
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
+    record = _run_record(model_path)
+    if record is None:
         return None
-    config = runfiles.read_config(workdir)
-    records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    config, records = record
     return {"model": config.model, "seed": config.seed, "jump": config.jump, "epochs": len(records),
             "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None}
 

@@ -97,3 +97,23 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
     assert reproduce.further_markdown(reproduce.further_runs(()), str(tmp_path)) == ""
     with pytest.raises(ValueError, match="results folders of evaluate.py"):
         reproduce.further_runs((str(tmp_path / "runs"),))
+
+
+def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_the_protocols(tmp_path):
+    config = reproduce.Config(dataset="mnist", model="polarized", epochs_per_stage=1, train_examples=128)
+    pretrained, root = tmp_path / "pretrained", tmp_path / "runs"
+    stem = str(pretrained / "mnist_polarized")
+    runfiles.write_json(stem + ".config.json", config.to_dict())
+    runfiles.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1, "epoch_seconds": 2.5, "test_accuracy": 0.5})
+    (pretrained / "mnist_polarized.keras").write_bytes(b"")
+    workdir = str(root / "mnist_polarized")
+    assert reproduce._shipped(str(pretrained), config, workdir) == stem + ".keras"
+    assert reproduce._shipped(str(pretrained), config.replace(seed=1), workdir) is None  # trained otherwise
+    assert reproduce._shipped(None, config, workdir) is None
+    assert reproduce._shipped(str(pretrained), config.replace(model="baseline"), str(root / "mnist_baseline")) is None
+    # How the shipped model was trained is read from the files beside it, for the report.
+    summary = reproduce._training_summary(stem + ".keras", workdir, str(tmp_path / "results"))
+    assert (summary["seed"], summary["epochs"], summary["train_seconds"], summary["figures"]) == (0, 1, 2.5, [])
+    assert f"--workdir={workdir} --epochs_per_stage=1 --train_examples=128" in summary["command"]
+    runfiles.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
+    assert reproduce._shipped(str(pretrained), config, workdir) is None
