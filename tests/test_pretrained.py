@@ -22,7 +22,9 @@ def test_pretrained_model_reaches_recorded_clean_accuracy(dataset, model_name):
         config = Config.from_dict(json.load(f))
     with open(os.path.join(ROOT, "results", "reproduction", f"{dataset}_table", "results.json")) as f:
         table = json.load(f)
-    (record,) = [m for m in table["models"] if m["label"].startswith(f"{name}/")]
+    # The table evaluated the models in ROWS order (trained runs or, on a fresh checkout, these files).
+    record = table["models"][[row for row, _ in reproduce.ROWS].index(model_name)]
+    assert table["dataset"] == dataset
     assert (config.dataset, config.model) == (dataset, model_name)
     frontend = models.get_frontend(model)
     assert (frontend is not None and frontend.saturating) == (model_name == "polarized")
