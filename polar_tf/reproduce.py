@@ -131,9 +131,8 @@ def _shipped(pretrained_dir: str | None, config: Config, workdir: str) -> str | 
     stem = os.path.join(pretrained_dir, f"{config.dataset}_{config.model}")
     if not all(os.path.isfile(stem + suffix) for suffix in (".keras", ".config.json", ".metrics.jsonl")):
         return None
-    with open(stem + ".config.json") as f:
-        if Config.from_dict(json.load(f)) != config:
-            return None
+    if _run_record(stem + ".keras")[0] != config:
+        return None
     logging.info("%s holds no run; evaluating the shipped %s.keras, trained with the same config", workdir, stem)
     return stem + ".keras"
 
