@@ -389,21 +389,20 @@ def _pick_examples(y, clean_pred, adv_pred, count: int) -> list[int]:
     return [int(i) for i in np.concatenate([flipped, rest])[: min(count, len(y))]]
 
 
-def _curves(results: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
-    """Accuracy against eps for each (model, attack), starting at eps 0 with the clean accuracy."""
+def _curves(results: dict[str, Any]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """{model label: {attack: accuracy against eps}}, each attack's curve starting at eps 0 with the
+    clean accuracy, as `plots.plot_accuracy_vs_eps` takes them."""
     curves = {}
-    many = len(results["models"]) > 1
     for model in results["models"]:
+        by_name = curves[model["label"]] = {}
         for name in results["config"]["attacks"]:
             points = {0.0: model["clean_accuracy"]}
             points.update({r["eps"]: r["accuracy"] for r in model["runs"] if r["attack"] == name})
             eps = sorted(points)
-            key = f"{model['label']}: {ATTACK_NAMES[name]}" if many else ATTACK_NAMES[name]
-            curves[key] = (eps, [points[e] for e in eps])
+            by_name[ATTACK_NAMES[name]] = (eps, [points[e] for e in eps])
         if model.get("certified"):
             eps = [entry["eps"] for entry in model["certified"]]
-            key = f"{model['label']}: certified" if many else "certified (lower bound)"
-            curves[key] = (eps, [certified_at(model, e)[1] for e in eps])
+            by_name["certified (lower bound)"] = (eps, [certified_at(model, e)[1] for e in eps])
     return curves
 
 
@@ -434,7 +433,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     if paper and results["eps"] == DEFAULT_EPS[results["dataset"]]:
         columns = [0] + [1 + attacks.ATTACKS.index(n) for n in names]
         for defense, values in paper.items():
-            lines.append(f"| paper: {defense} | " + " | ".join(f"{values[c]:.2f}" for c in columns) + " |")
+            cells = [f"{values[c]:.2f}" for c in columns] + ["-"] * certified  # The paper certifies nothing.
+            lines.append(f"| paper: {defense} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "| setting | value |",

@@ -110,12 +110,39 @@ def test_evaluate_writes_the_report_and_plots(workdir, tmp_path):
     assert "| model | clean | FGSM | BIM | PGD |" in table
     assert "| mnist_polarized/stage3 | " in table and "paper: polarizing front end" in table
     assert "## Accuracy (%) against eps" in table
+    _check_tables(table)
     assert sorted(results["plots"]) == [
         "accuracy_vs_eps.png", "adversarial_examples.png", "frontend_maps.png", "frontend_maps_attacked.png"
     ]
     for name in results["plots"]:
         image = matplotlib.image.imread(str(tmp_path / name))
         assert image.shape[0] > 200 and image.shape[1] > 200 and np.std(image) > 0
+
+
+def _check_tables(markdown: str) -> None:
+    """Every row of every table in `markdown` has as many cells as its header."""
+    tables, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            tables.append(rows)
+            rows = []
+    assert tables
+    for header, separator, *body in tables:
+        width = len(header.strip("|").split("|"))
+        assert separator == "|---" * width + "|", header
+        for row in body:
+            assert len(row.strip("|").split("|")) == width, f"{row!r} under {header!r}"
+
+
+def test_results_md_rows_have_as_many_cells_as_their_header_with_certified_and_paper_rows(workdir, tmp_path):
+    config = evaluation.EvalConfig(eps_sweep=(0.1,), certify=True, **SMALL)  # eps 0.3: the paper's rows.
+    evaluation.evaluate([workdir], config, output_dir=str(tmp_path))
+    table = (tmp_path / "results.md").read_text()
+    assert "| model | clean | FGSM | BIM | PGD | certified |" in table
+    assert "| paper: polarizing front end | 99.10 | 93.20 | 86.50 | 70.80 | - |" in table
+    _check_tables(table)
 
 
 def test_evaluate_rejects_bad_inputs(workdir, tmp_path):
