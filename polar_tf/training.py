@@ -21,6 +21,7 @@ from polar_tf.config import Config
 
 MONITOR_EXAMPLES = 1000  # the fixed batch of training images whose z TensorBoard shows
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
+FIT_ACCURACY = "fit_accuracy"  # Keras' accuracy metric, as its progress bar and metrics.jsonl name it
 
 
 def parse_stages(config: Config, stage: str) -> list[int]:
@@ -86,7 +87,9 @@ def compile_for_stage(
     model.compile(
         optimizer=_optimizer(model, config, previous),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        # Named apart from the saturated model's train accuracy, which the epoch line also prints:
+        # this is the model as trained (the stage's saturation switch), averaged over the epoch.
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name=FIT_ACCURACY)],
         steps_per_execution=config.steps_per_execution,
         jit_compile=config.jit_compile,
     )
@@ -106,7 +109,8 @@ def epoch_permutation(config: Config, epoch: int, n: int) -> np.ndarray:
 
 
 def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray, verbose: int = 0) -> dict:
-    """One epoch of the schedule. Returns fit's loss and accuracy, wall time and images/s."""
+    """One epoch of the schedule. Returns fit's loss and accuracy (`FIT_ACCURACY`: the model as
+    trained, averaged over the epoch's batches), wall time and images/s."""
     phase = schedule.phase(config, epoch)
     apply_phase(model, phase)
     order = epoch_permutation(config, epoch, len(x))
@@ -131,7 +135,7 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
             f"the loss became {history.history['loss'][-1]} at epoch {epoch}, batch {stop.bad_step}; "
             "the checkpoints of earlier epochs are kept"
         )
-    return _epoch_record(phase, history.history["loss"][-1], history.history["accuracy"][-1], seconds, len(x))
+    return _epoch_record(phase, history.history["loss"][-1], history.history[FIT_ACCURACY][-1], seconds, len(x))
 
 
 def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: float, images: int) -> dict:
@@ -143,7 +147,7 @@ def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: 
         "reg_weight": phase.reg_weight,
         "saturate": phase.saturate,
         "loss": float(loss),
-        "fit_accuracy": float(accuracy),
+        FIT_ACCURACY: float(accuracy),
         "epoch_seconds": seconds,
         "images_per_second": images / seconds,
     }
@@ -184,7 +188,7 @@ def _adversarial_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.n
                 "the checkpoints of earlier epochs are kept"
             )
         total_loss += logs["loss"] * len(xb)
-        total_correct += logs["accuracy"] * len(xb)
+        total_correct += logs[FIT_ACCURACY] * len(xb)
     return total_loss / len(x), total_correct / len(x)
 
 
@@ -204,6 +208,28 @@ def _epoch_report(model, config: Config, record: dict, train, test, tensorboard)
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
     tensorboard.write(record["epoch"], scalars, histograms, images)
     return record
+
+
+def epoch_summary(config: Config, record: dict[str, Any], has_frontend: bool) -> str:
+    """The epoch's log line, each accuracy named for the model it measures.
+
+    fit_accuracy (the number on Keras' progress bar) is the model as trained: with the stage's
+    saturation switch (off in stages 1 and 2) or on PGD inputs, averaged over the epoch's batches
+    while the weights move. train acc and test acc are measured after the epoch on the model as
+    evaluated: saturated, where there is a front end.
+    """
+    if config.model == "adversarial":
+        trained_as = "on PGD inputs, "
+    elif has_frontend:
+        trained_as = "saturated, " if record["saturate"] else "unsaturated, "
+    else:
+        trained_as = ""
+    return (
+        f"epoch {record['epoch']} stage {record['stage']}: loss {record['loss']:.4f}, "
+        f"{FIT_ACCURACY} {record[FIT_ACCURACY]:.4f} ({trained_as}mean over the epoch's batches); "
+        f"{'saturated model: ' if has_frontend else ''}train acc {record['train_accuracy']:.4f}, "
+        f"test acc {record['test_accuracy']:.4f}; {record['images_per_second']:.0f} img/s"
+    )
 
 
 def _stage_plots(model, config: Config, workdir: str, stage: int, x_train: np.ndarray) -> None:
@@ -298,11 +324,7 @@ def train_and_evaluate(
                 record = _epoch_report(model, config, record, train, test, tensorboard)
                 metrics.append(record)
                 runfiles.save_epoch_checkpoint(model, workdir, epoch)
-                logging.info(
-                    "epoch %d stage %d: loss %.4f, train acc %.4f, test acc %.4f (saturated), %.0f img/s",
-                    epoch, s, record["loss"], record["train_accuracy"], record["test_accuracy"],
-                    record["images_per_second"],
-                )
+                logging.info("%s", epoch_summary(config, record, models.get_frontend(model) is not None))
             runfiles.save_model(model, runfiles.checkpoint_path(workdir, config, s))
             _stage_plots(model, config, workdir, s, train[0])
     finally:

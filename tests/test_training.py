@@ -135,3 +135,30 @@ def test_one_stage_models_train(tmp_path, mnist_subset_dir, model):
     assert [r["epoch"] for r in records] == [0, 1, 2] and trained.name == model
     with pytest.raises(ValueError, match="--stage must be all for model"):
         training.parse_stages(config, "2")
+
+
+def test_progress_bar_and_record_name_the_accuracy_of_the_model_as_trained(mnist, capsys):
+    (x, y), _ = mnist
+    config = Config(epochs_per_stage=1)
+    keras.utils.set_random_seed(0)
+    model = models.build_model(config)
+    training.compile_for_stage(model, config, 1)
+    record = training.train_epoch(model, config, 0, x[:64], y[:64], verbose=1)
+    bar = capsys.readouterr().out
+    assert f"fit_accuracy: {record['fit_accuracy']:.4f}" in bar and " accuracy:" not in bar
+    assert record["saturate"] is False  # Stage 1: the bar's number is the unsaturated model's.
+
+
+def test_epoch_summary_labels_each_accuracy_with_the_model_it_measures():
+    record = {"epoch": 0, "stage": 1, "loss": 0.93, "fit_accuracy": 0.653, "saturate": False,
+              "train_accuracy": 0.6792, "test_accuracy": 0.7, "images_per_second": 2500.0}
+    assert training.epoch_summary(Config(), record, has_frontend=True) == (
+        "epoch 0 stage 1: loss 0.9300, fit_accuracy 0.6530 (unsaturated, mean over the epoch's batches); "
+        "saturated model: train acc 0.6792, test acc 0.7000; 2500 img/s"
+    )
+    stage3 = training.epoch_summary(Config(), {**record, "stage": 3, "saturate": True}, has_frontend=True)
+    assert "fit_accuracy 0.6530 (saturated, mean" in stage3 and "saturated model: train acc" in stage3
+    adversarial = training.epoch_summary(Config(model="adversarial"), record, has_frontend=False)
+    assert "fit_accuracy 0.6530 (on PGD inputs, mean" in adversarial and "; train acc 0.6792" in adversarial
+    baseline = training.epoch_summary(Config(model="baseline"), record, has_frontend=False)
+    assert "fit_accuracy 0.6530 (mean over the epoch's batches); train acc 0.6792, test acc 0.7000" in baseline
