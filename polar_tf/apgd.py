@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from polar_tf import attacks, backend, models
+from polar_tf import attacks, backend, models, progress
 
 LOSSES = ("ce", "dlr")
 DEFAULT_ITERATIONS = 100
@@ -154,8 +154,10 @@ class CompiledAPGD:
     def _count_trace(self) -> None:
         self.traces += 1
 
-    def __call__(self, x, y, noise, eps: float, iterations: int):
-        """Attacks one batch; returns (x_adv, fooled, best loss) as NumPy arrays."""
+    def __call__(self, x, y, noise, eps: float, iterations: int, on_iteration=None):
+        """Attacks one batch; returns (x_adv, fooled, best loss) as NumPy arrays.
+
+        `on_iteration(done)`, if given, is called after each iteration with the number done."""
         f32 = np.float32
         x_np, (x, y) = x, (ops.convert_to_tensor(x), ops.convert_to_tensor(y))  # on the device once
         state = self._start(x, y, noise, f32(eps))
@@ -165,6 +167,8 @@ class CompiledAPGD:
             state = self._iterate(
                 state, x, y, f32(eps), f32(1.0 if i == 0 else MOMENTUM), f32(window > 0), f32(window)
             )
+            if on_iteration is not None:
+                on_iteration(i + 1)
         x_best, loss_best, x_fooled, fooled = (ops.convert_to_numpy(state[k]) for k in (4, 5, 7, 8))
         return np.where(fooled.reshape((-1,) + (1,) * (x_np.ndim - 1)), x_fooled, x_best), fooled, loss_best
 
@@ -221,6 +225,8 @@ def apgd(
         return x_adv
     compiled = compiled_apgd(model, loss, clip_min, clip_max)
     started = time.perf_counter()
+    title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {restarts} restarts" if restarts > 1 else "")
+    bar = progress.bar(f"{title}, {iterations} iterations", n * restarts, "run" if restarts > 1 else "example")
     with attacks.saturated(model):
         fooled = models.predict_labels(model, x, batch_size) != y  # Already adversarial: x itself.
         for restart in range(restarts):
@@ -231,9 +237,13 @@ def apgd(
             batch = min(batch_size, n)  # One batch shape for every restart: one trace.
             for first in range(0, todo.size, batch):
                 rows = todo[first : first + batch]
+                # Runs settled: earlier restarts, examples fooled before this one, earlier batches.
+                before = restart * n + (n - todo.size) + first
+                accuracy = [("accuracy", 1.0 - fooled.mean())]
                 result, now_fooled, losses = compiled(
                     attacks._pad(x[rows], batch), attacks._pad(y[rows], batch), attacks._pad(noise[rows], batch),
                     eps, iterations,
+                    on_iteration=lambda done: bar.update(before + len(rows) * done // iterations, accuracy),
                 )
                 count = len(rows)
                 result, now_fooled, losses = result[:count], now_fooled[:count], losses[:count]
@@ -244,10 +254,13 @@ def apgd(
                 x_adv[rows[better]] = result[better]
                 best_loss[rows[better]] = losses[better]
                 fooled[rows] = now_fooled
+            if restart + 1 < restarts:
+                bar.update((restart + 1) * n, [("accuracy", 1.0 - fooled.mean())])
             logging.info(
                 "apgd-%s eps=%g: restart %d/%d: %d/%d examples fooled, %.1f s",
                 loss, eps, restart + 1, restarts, int(fooled.sum()), n, time.perf_counter() - started,
             )
+        bar.update(n * restarts, [("accuracy", 1.0 - fooled.mean())])  # done, or none left to attack
     return x_adv
 
 

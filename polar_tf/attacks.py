@@ -7,9 +7,11 @@
 
 One implementation (as in CleverHans): FGSM is one step of size eps from x, BIM is PGD without
 random start and with one restart. Every step is x <- project(x + step_size * sign(grad)), the
-projection onto the eps-ball around x intersected with [clip_min, clip_max]. The whole loop over
-steps is compiled once per batch shape (see `backend.compile_attack_loop`); batches are padded to
-one size, and eps, step size and steps are traced values, so a sweep over eps does not retrace.
+projection onto the eps-ball around x intersected with [clip_min, clip_max]. The loop over steps
+is compiled once per batch shape (see `backend.compile_attack_loop`); batches are padded to one
+size, and eps, step size and steps are traced values, so a sweep over eps does not retrace. On
+the CPU a batch runs in calls of `backend.attack_steps_per_call()` steps, so that the progress bar
+(`polar_tf.progress`) moves and Ctrl-C stops within seconds.
 
 What is attacked: the model as it is evaluated. The front end's saturation is switched on for the
 attack (and restored after), as `models.accuracy` does. Gradients through a saturation are those
@@ -54,7 +56,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from polar_tf import backend
+from polar_tf import backend, progress
 from polar_tf.config import BACKWARDS
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 from polar_tf.models import get_frontend
@@ -128,6 +130,11 @@ def project(x_adv, x, eps, clip_min: float = 0.0, clip_max: float = 1.0):
     return ops.minimum(ops.maximum(x_adv, low), high)
 
 
+def start_point(x: np.ndarray, noise: np.ndarray, eps: float, clip_min: float = 0.0, clip_max: float = 1.0) -> np.ndarray:
+    """project(x + eps * noise): where an attack from noise in [-1, 1] starts, as a NumPy array."""
+    return ops.convert_to_numpy(project(x + np.float32(eps) * noise, x, eps, clip_min, clip_max))
+
+
 def check_adversarial(
     x_adv: np.ndarray,
     x: np.ndarray,
@@ -166,7 +173,6 @@ class CompiledAttack:
         self._run = backend.compile_attack_loop(
             model,
             objective=lambda logits, y: per_example_loss(logits, y, loss),
-            start=lambda x, noise, eps: project(x + eps * noise, x, eps, self.clip_min, self.clip_max),
             update=lambda x_t, gradient, x, eps, step_size: project(
                 x_t + step_size * ops.sign(gradient), x, eps, self.clip_min, self.clip_max
             ),
@@ -176,9 +182,32 @@ class CompiledAttack:
     def _count_trace(self) -> None:
         self.traces += 1
 
-    def __call__(self, x, y, noise, eps: float, step_size: float, steps: int):
-        """Attacks one batch from x + eps * noise; returns (x_adv, loss, logits) as NumPy arrays."""
-        return self._run(x, y, noise, eps, step_size, steps)
+    def __call__(self, x, y, noise, eps: float, step_size: float, steps: int, steps_per_call: int | None = None,
+                 on_steps=None):
+        """Attacks one batch from `start_point(x, noise, eps)`.
+
+        Args:
+          x, y: the clean batch and its labels.
+          noise: the random start in [-1, 1], shaped like x (zeros: start at x).
+          eps, step_size, steps: the attack's settings.
+          steps_per_call: run the steps in compiled calls of at most this many (None: one call);
+            the result is the same, as each call continues from the last one's images.
+          on_steps: called with the number of steps done after each call, if given.
+
+        Returns:
+          (x_adv, loss, logits) as NumPy arrays, the loss and logits those of x_adv.
+        """
+        x_adv = start_point(x, noise, eps, self.clip_min, self.clip_max)
+        per_call = steps_per_call or max(steps, 1)
+        done = 0
+        while True:
+            count = min(per_call, steps - done)
+            x_adv, losses, logits = self._run(x, y, x_adv, eps, step_size, count)
+            done += count
+            if on_steps is not None:
+                on_steps(done)
+            if done >= steps:
+                return x_adv, losses, logits
 
 
 _COMPILED: "weakref.WeakKeyDictionary[keras.Model, dict]" = weakref.WeakKeyDictionary()
@@ -255,15 +284,25 @@ def pgd(
     best_loss = np.full(n, -np.inf, dtype=np.float32)
     fooled = np.zeros(n, dtype=bool)
     scheduled = np.zeros(n, dtype=np.int64)  # restarts of each example attacked so far
-    started, calls = time.perf_counter(), 0
+    started = time.perf_counter()
+    title = f"{name} eps={eps:g}: {n} examples" + (f" x {restarts} restarts" if restarts > 1 else "")
+    bar = progress.bar(f"{title}, {steps} steps of {step_size:g}", n * restarts, "run" if restarts > 1 else "example")
+
+    def settled() -> int:
+        """(Example, restart) runs done or made unnecessary by an earlier restart that fooled."""
+        return int(np.sum(np.where(fooled, restarts, scheduled)))
+
     with saturated(model):
         while True:
+            before = settled()
             levels, rows = _next_batch(fooled, scheduled, restarts, batch)
             if rows.size == 0:
                 break
             noise = _restart_noise(seed, levels, rows, x.shape[1:]) if random_start else np.zeros_like(x[rows])
+            accuracy = [("accuracy", 1.0 - fooled.mean())]
             x_adv, losses, logits = attack(
-                _pad(x[rows], batch), _pad(y[rows], batch), _pad(noise, batch), eps, step_size, steps
+                _pad(x[rows], batch), _pad(y[rows], batch), _pad(noise, batch), eps, step_size, steps,
+                steps_per_call=backend.attack_steps_per_call(), on_steps=lambda done: bar.update(before + len(rows) * done // max(steps, 1), accuracy),
             )
             count = len(rows)
             x_adv, losses, logits = x_adv[:count], losses[:count], logits[:count]
@@ -279,12 +318,8 @@ def pgd(
                 x_best[rows[better]] = x_adv[better]
                 best_loss[rows[better]] = losses[better]
                 fooled[rows[at]] = now_fooled[at]
-            calls += 1
-            logging.info(
-                "%s eps=%g: call %d (restarts %d-%d of %d): %d/%d examples fooled, %d restarts left, %.1f s",
-                name, eps, calls, levels.min() + 1, levels.max() + 1, restarts, int(fooled.sum()), n,
-                int(np.sum((restarts - scheduled)[~fooled])), time.perf_counter() - started,
-            )
+            bar.update(settled(), [("accuracy", 1.0 - fooled.mean())])
+    logging.info("%s eps=%g: %d of %d examples fooled, %.1f s", name, eps, int(fooled.sum()), n, time.perf_counter() - started)
     return x_best
 
 

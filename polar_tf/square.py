@@ -17,8 +17,10 @@ Queries are counted per example: forward passes whose output the attack uses, in
 first (is the clean image classified correctly? an already misclassified one costs just that
 query and is returned unchanged) and the one at the stripes start; no example is ever given
 more than `queries`. One iteration of a batch is one compiled function
-(`backend.compile_model_function`); the random squares and signs are drawn on the host from
-(seed, iteration) for every example, so the result does not depend on the batch size.
+(`backend.compile_model_function`); the stripes, squares and signs are drawn on the host, for
+each example from (seed, iteration, its index) alone, so the squares proposed do not depend on
+the batch size. (Whether a proposal is accepted compares two margins; at a near-tie the float
+rounding of another batch shape can decide it otherwise.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from polar_tf import attacks, backend, models
+from polar_tf import attacks, backend, models, progress
 
 DEFAULT_QUERIES = 5000
 DEFAULT_P_INIT = 0.05
@@ -39,6 +41,7 @@ DEFAULT_P_INIT = 0.05
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _UNCHANGED = 1e-7
 _SYNC_EVERY = 20  # iterations between checks whether a whole batch is fooled
+_BLOCK = 256  # examples per random generator (see `_per_example`)
 
 
 def margin(logits, y):
@@ -162,43 +165,92 @@ def square(
     batch_size = backend.default_attack_batch_size() if batch_size is None else batch_size
     if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
         raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
-    n, height, width, channels = x.shape
+    n = len(x)
     x_adv = x.copy()
-    spent = np.zeros(n, dtype=np.int64)
-    compiled = compiled_square(model, clip_min, clip_max)
+    spent = np.ones(n, dtype=np.int64)  # the clean query
     started = time.perf_counter()
     with attacks.saturated(model):
         correct = models.predict_labels(model, x, max(min(batch_size, n), 1)) == y if n else np.zeros(0, bool)
-        spent += 1
         todo = np.flatnonzero(correct) if eps > 0 else np.zeros(0, np.int64)
-        iterations = queries - 2
-        stripes = np.random.default_rng([seed, 0]).choice([-1.0, 1.0], size=(n, 1, width, channels))
-        f32 = np.float32
-        batch = min(batch_size, n)  # Fixed by the number of examples, not of those attacked: one trace.
-        for first in range(0, todo.size, batch):
-            rows = todo[first : first + batch]
-            count = len(rows)
-            xb, yb = attacks._pad(x[rows], batch), attacks._pad(y[rows], batch)
-            x_start = np.clip(xb + f32(eps) * attacks._pad(stripes[rows], batch).astype(np.float32), clip_min, clip_max)
-            xb, yb = ops.convert_to_tensor(xb), ops.convert_to_tensor(yb)  # on the device once per batch
-            state = (x_start, compiled._evaluate(x_start, yb), np.full(batch, 2, np.int32))
-            for i in range(iterations):
-                if i % _SYNC_EVERY == 0 and not np.any(ops.convert_to_numpy(state[1])[:count] > 0):
-                    break
-                side = square_side(p_selection(p_init, i, queries), height, width)
-                rng = np.random.default_rng([seed, 1 + i])
-                corners = rng.integers(0, height - side, size=(n, 2)).astype(np.int32)
-                signs = rng.choice([-1.0, 1.0], size=(n, channels)).astype(np.float32)
-                state = compiled._iterate(
-                    state, xb, yb, f32(eps), np.int32(side), attacks._pad(corners[rows], batch),
-                    attacks._pad(signs[rows], batch),
-                )
-            result = ops.convert_to_numpy(state[0])[:count]
+        bar = progress.bar(f"square eps={eps:g}: {todo.size} examples, {queries} queries each", todo.size, "example")
+        fooled = n - todo.size
+        for rows, states in batches(model, x, y, todo, eps=eps, queries=queries, p_init=p_init, clip_min=clip_min,
+                                    clip_max=clip_max, seed=seed, batch_size=batch_size):
+            done = int(np.searchsorted(todo, rows[0]))
+            for i, state in enumerate(states):
+                if i % _SYNC_EVERY == 0:  # a progress update costs a copy to the host
+                    still = int(np.sum(ops.convert_to_numpy(state[1])[: len(rows)] > 0))
+                    bar.update(done + len(rows) * i // (queries - 1), [("accuracy", 1 - (fooled + len(rows) - still) / max(n, 1))])
+            result = ops.convert_to_numpy(state[0])[: len(rows)]
             attacks.check_adversarial(result, x[rows], eps, clip_min, clip_max)
             x_adv[rows] = result
-            spent[rows] = ops.convert_to_numpy(state[2])[:count]
-            logging.info(
-                "square eps=%g: batch %d/%d, %d queries at most, %.1f s",
-                eps, first // batch + 1, math.ceil(todo.size / batch), queries, time.perf_counter() - started,
-            )
+            spent[rows] = ops.convert_to_numpy(state[2])[: len(rows)]
+            fooled += int(np.sum(ops.convert_to_numpy(state[1])[: len(rows)] <= 0))
+            bar.update(done + len(rows), [("accuracy", 1 - fooled / max(n, 1))])
+        logging.info("square eps=%g: %d of %d examples fooled, %d queries at most, %.1f s",
+                     eps, fooled, n, queries, time.perf_counter() - started)
     return (x_adv, spent) if return_queries else x_adv
+
+
+def batches(model: keras.Model, x: np.ndarray, y: np.ndarray, todo: np.ndarray, *, eps: float, queries: int,
+            p_init: float, clip_min: float, clip_max: float, seed: int, batch_size: int):
+    """The attack on the examples `todo` (correctly classified ones), batch by batch.
+
+    Yields, for each batch, (rows, states): the example indices and an iterator over the states
+    (x_best, margin_best, queries spent; backend tensors padded to the batch size) after the
+    stripes start and after each iteration, the last being the batch's result. A batch stops
+    early once every example in it is fooled (checked every `_SYNC_EVERY` iterations). `square`
+    runs it; tests read the states to compare runs. Arguments as `square`; the saturation must
+    already be on.
+    """
+    n, height, width, channels = x.shape
+    compiled = compiled_square(model, clip_min, clip_max)
+    f32 = np.float32
+    batch = min(batch_size, n)  # Fixed by the number of examples, not of those attacked: one trace.
+
+    def states(rows):
+        xb, yb = attacks._pad(x[rows], batch), attacks._pad(y[rows], batch)
+        stripes = attacks._pad(_signs((seed, 0), rows, (1, width, channels)), batch)
+        x_start = np.clip(xb + f32(eps) * stripes, clip_min, clip_max)
+        xb, yb = ops.convert_to_tensor(xb), ops.convert_to_tensor(yb)  # on the device once per batch
+        state = (x_start, compiled._evaluate(x_start, yb), np.full(batch, 2, np.int32))
+        yield state
+        for i in range(queries - 2):
+            if i % _SYNC_EVERY == 0 and not np.any(ops.convert_to_numpy(state[1])[: len(rows)] > 0):
+                return
+            side = square_side(p_selection(p_init, i, queries), height, width)
+            corners, signs = proposals(seed, i, rows, side, height, channels)
+            state = compiled._iterate(state, xb, yb, f32(eps), np.int32(side), attacks._pad(corners, batch),
+                                      attacks._pad(signs, batch))
+            yield state
+
+    for first in range(0, todo.size, batch):
+        rows = todo[first : first + batch]
+        yield rows, states(rows)
+
+
+def proposals(seed: int, iteration: int, rows: np.ndarray, side: int, height: int, channels: int):
+    """The squares proposed at `iteration` to the examples `rows`: top-left corners int32 [k, 2]
+    in [0, height - side) and signs float32 [k, channels] in {-1, +1}. Each example's draw depends
+    only on (seed, iteration, its index): not on the batch, nor on which others are attacked."""
+    corners = _per_example((seed, 1 + iteration, 0), rows, lambda rng: rng.integers(0, height - side, (_BLOCK, 2)))
+    return corners.astype(np.int32), _signs((seed, 1 + iteration, 1), rows, (channels,))
+
+
+def _signs(key: tuple[int, ...], rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Random signs float32 [len(rows), *shape], each example's from (key, its index) alone."""
+    return _per_example(key, rows, lambda rng: rng.choice(np.array([-1.0, 1.0], np.float32), (_BLOCK, *shape)))
+
+
+def _per_example(key: tuple[int, ...], rows: np.ndarray, draw) -> np.ndarray:
+    """draw(rng)[i % _BLOCK] for each example index i of `rows`, with rng seeded from (key, i // _BLOCK):
+    blocks of consecutive examples share one generator, so that drawing stays cheap."""
+    blocks = rows // _BLOCK
+    out = None
+    for block in np.unique(blocks):
+        at = np.flatnonzero(blocks == block)
+        drawn = draw(np.random.default_rng([*key, int(block)]))
+        if out is None:
+            out = np.empty((len(rows), *drawn.shape[1:]), drawn.dtype)
+        out[at] = drawn[rows[at] % _BLOCK]
+    return out

@@ -242,12 +242,11 @@ def test_jax_whole_loop_and_python_loop_agree(cnn):
         run = backend.compile_attack_loop(
             cnn,
             objective=lambda logits, labels: attacks.per_example_loss(logits, labels),
-            start=lambda x, noise, eps: attacks.project(x + eps * noise, x, eps),
             update=lambda x_t, g, x, eps, a: attacks.project(x_t + a * ops.sign(g), x, eps),
             on_trace=lambda: None,
             jax_whole_loop=whole_loop,
         )
-        outputs.append(run(x, y, noise, EPS, EPS / 4, 5))
+        outputs.append(run(x, y, attacks.start_point(x, noise, EPS), EPS, EPS / 4, 5))
     for whole, stepped in zip(*outputs):
         np.testing.assert_allclose(whole, stepped, rtol=1e-5, atol=1e-6)
 
