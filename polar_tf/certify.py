@@ -48,6 +48,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from polar_tf import progress
 from polar_tf.frontend import PolarizingFrontEnd, Saturation, saturate
 
 Z_MARGIN = 1e-5
@@ -404,7 +405,12 @@ def certify(model: keras.Model, x: np.ndarray, y: np.ndarray, eps: float, batch_
     _check_inputs(x, y, eps, batch_size)
     layers = check_supported(model)
     source = _source(layers[0])
-    parts = [_certify_batch(layers, source, x[rows], y[rows], float(eps)) for rows in _batches(len(x), batch_size)]
+    bar = progress.bar(f"certify eps={eps:g}: {len(x)} examples", len(x), "example", ("certified",))
+    parts = []
+    for rows in _batches(len(x), batch_size):
+        parts.append(_certify_batch(layers, source, x[rows], y[rows], float(eps)))
+        certified = sum(int(p["ibp"].sum()) for p in parts)
+        bar.update(rows.stop, [("certified", certified / rows.stop)])
     merged = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0) for key in _BATCH_KEYS}
     has_exact = source != "input"
     return CertificationResult(
