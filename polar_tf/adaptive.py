@@ -248,7 +248,8 @@ def evaluate_adaptive(
     Args:
       model_paths: `.keras` files or training workdirs.
       config: the settings.
-      output_dir: where the files go; None means `adaptive/` in the first model's folder.
+      output_dir: where the files go; None means `adaptive/` in `evaluation.default_output_dir` of
+        the first model.
       data_dir: folder of IDX files (see `polar_tf.data.load`).
       command: the command line as run, recorded in results.json.
 
@@ -263,7 +264,7 @@ def evaluate_adaptive(
     source = None
     if config.transfer_from:
         source = runfiles.load_model(runfiles.resolve_model_path(config.transfer_from), compile=False)
-    output_dir = output_dir or os.path.join(os.path.dirname(paths[0]), "adaptive")
+    output_dir = output_dir or os.path.join(evaluation.default_output_dir(paths[0]), "adaptive")
     x, y = data.load(config.dataset, "test", data_dir)
     if config.num_examples > len(x):
         raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
@@ -293,7 +294,10 @@ def evaluate_adaptive(
     }
     labels = evaluation._unique([evaluation.model_label(p) for p in paths])
     for path, label, model in zip(paths, labels, loaded):
-        results["models"].append(evaluate_model(model, label, x, y, config, x_transfer, path))
+        runs: dict[str, dict[str, Any]] = {}  # filled attack by attack, kept if interrupted
+        unfinished = {"label": label, "path": os.path.abspath(path), "attacks": runs}
+        with evaluation.keep_on_interrupt(output_dir, results, unfinished):
+            results["models"].append(evaluate_model(model, label, x, y, config, x_transfer, path, runs))
     results["total_seconds"] = time.perf_counter() - started
     os.makedirs(output_dir, exist_ok=True)
     runfiles.write_json(os.path.join(output_dir, "results.json"), results)
@@ -324,6 +328,7 @@ def evaluate_model(
     config: AdaptiveConfig,
     x_transfer: np.ndarray | None = None,
     path: str | None = None,
+    runs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every attack, the worst case and the sanity checks on one model (results.json's record).
 
@@ -334,6 +339,7 @@ def evaluate_model(
       config: the settings (`config.eps` is the attack size).
       x_transfer: adversarial examples made on another model, if any.
       path: the model's file, recorded.
+      runs: a dict that receives each attack's record as it finishes (a new one if None).
     """
     model_started = time.perf_counter()
     eps = float(config.eps)
@@ -341,7 +347,7 @@ def evaluate_model(
     targets = {b: attacks.with_backward(model, b, config.steepness) for b in backwards}
     clean = _correct(model, x, y)
     logging.info("%s: clean accuracy %.4f on %d images", label, clean.mean(), len(x))
-    runs: dict[str, dict[str, Any]] = {}
+    runs = {} if runs is None else runs
     correct: dict[str, np.ndarray] = {}
 
     def record(key, kind, x_adv, seconds, backward=None, **extra):

@@ -2,12 +2,13 @@
 
     results = evaluate(["runs/mnist_polarized/stage3.keras"], EvalConfig(dataset="mnist"))
 
-writes into the output folder (default: the first model's folder)
+writes into the output folder (default: `default_output_dir` of the first model: its run folder,
+or runs/evaluate/<name> for a model outside one, e.g. a shipped one)
   results.json                  every number, the settings, backend, device and wall times
   results.md                    the paper's table (clean, FGSM, BIM, PGD accuracy) and the settings
   accuracy_vs_eps.png           accuracy against eps for each attack and model
   adversarial_examples.png      originals, attacked images, their difference and one front-end
-                                filter's output for each (the strongest attack run, at eps)
+                                filter's output for each (the last attack run at eps, in the order asked for)
   frontend_maps.png             the front end's saturated output maps for one image (and
   frontend_maps_attacked.png    for its attacked version); models with a front end only
 With several models the per-model figures are prefixed by the model's label.
@@ -18,12 +19,13 @@ of the loaded model on the adversarial images, apart from the attack's own bookk
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -34,6 +36,7 @@ from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
 from polar_tf.frontend import saturate
 
+DEFAULT_DATASET = "mnist"  # for a model whose training config is unknown
 ATTACK_NAMES = {"fgsm": "FGSM", "bim": "BIM", "pgd": "PGD"}
 EXAMPLES_SHOWN = 5
 # Table 1 of the paper (accuracy, %), for eps = DEFAULT_EPS[dataset]: clean, FGSM, BIM, PGD.
@@ -141,15 +144,49 @@ def parse_eps_sweep(text: str) -> tuple[float, ...]:
     return tuple(round(start + k * step, 10) for k in range(count))
 
 
-def workdir_dataset(model_path: str) -> str | None:
-    """The dataset in the config.json of the model's workdir, or None if there is none."""
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        return None
-    try:
-        return runfiles.read_config(folder).dataset
-    except (ValueError, OSError):
-        return None
+def model_dataset(model_path: str) -> str | None:
+    """The dataset a model was trained on (its workdir's or shipped config), or None if unknown."""
+    config = runfiles.trained_config(model_path)
+    return config.dataset if config else None
+
+
+def resolve_dataset(model_paths: Sequence[str], dataset: str | None = None, allow_mismatch: bool = False) -> str:
+    """The dataset to evaluate on: the one the models were trained on, unless `dataset` is given.
+
+    Args:
+      model_paths: `.keras` files or training workdirs.
+      dataset: the dataset asked for, or None to use the models'.
+      allow_mismatch: evaluate on `dataset` even where a model was trained on another one.
+
+    Raises:
+      ValueError: the models were trained on different datasets and none was asked for, or one was
+        trained on another dataset than the one asked for (unless `allow_mismatch`).
+    """
+    known = {path: model_dataset(path) for path in model_paths}
+    trained = sorted({d for d in known.values() if d})
+    if dataset is None:
+        if len(trained) > 1:
+            raise ValueError(f"the models were trained on different datasets ({', '.join(trained)}): pass --dataset")
+        if not trained:
+            logging.warning("No config says which dataset %s was trained on: evaluating on %s (pass --dataset to "
+                            "choose)", ", ".join(model_paths), DEFAULT_DATASET)
+        return trained[0] if trained else DEFAULT_DATASET
+    for path, trained_on in known.items():
+        if trained_on not in (None, dataset) and not allow_mismatch:
+            raise ValueError(f"{path} was trained on {trained_on}, not {dataset}: leave --dataset out, or pass "
+                             f"--allow_dataset_mismatch to evaluate it on {dataset} anyway")
+    return dataset
+
+
+def default_output_dir(model_path: str) -> str:
+    """Where results go by default: beside a model in its training run folder; for any other model
+    (a shipped one in pretrained/, a bare file), runs/evaluate/<name>, so that evaluating never
+    writes into tracked folders nor over another model's results."""
+    path = runfiles.resolve_model_path(model_path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    return os.path.join("runs", "evaluate", os.path.splitext(os.path.basename(path))[0])
 
 
 def model_label(path: str) -> str:
@@ -198,14 +235,14 @@ def evaluate(
     started = time.perf_counter()
     paths = [runfiles.resolve_model_path(p) for p in model_paths]
     loaded = [runfiles.load_model(p, compile=False) for p in paths]  # All load before any attack.
-    output_dir = output_dir or os.path.dirname(os.path.abspath(paths[0]))
+    output_dir = output_dir or default_output_dir(paths[0])
     x, y = data.load(config.dataset, "test", data_dir)
     if config.num_examples > len(x):
         raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
     x, y = x[: config.num_examples], y[: config.num_examples]
     for path, model in zip(paths, loaded):
         _check_model(model, path, x, y)
-        trained_on = workdir_dataset(path)
+        trained_on = model_dataset(path)
         if trained_on not in (None, config.dataset):
             logging.warning("%s was trained on %s and is evaluated on %s", path, trained_on, config.dataset)
     results: dict[str, Any] = {
@@ -224,7 +261,9 @@ def evaluate(
     labels = _unique([model_label(p) for p in paths])
     figures = []
     for path, label, model in zip(paths, labels, loaded):
-        record, adversarial = _evaluate_model(model, path, label, x, y, config)
+        runs: list[dict[str, Any]] = []  # filled attack by attack, kept if interrupted
+        with keep_on_interrupt(output_dir, results, {"label": label, "path": os.path.abspath(path), "runs": runs}):
+            record, adversarial = _evaluate_model(model, path, label, x, y, config, runs)
         results["models"].append(record)
         prefix = "" if len(paths) == 1 else _slug(label) + "_"
         figures += _model_figures(model, label, x, y, adversarial, config, output_dir, prefix)
@@ -238,15 +277,33 @@ def evaluate(
     return results
 
 
-def _evaluate_model(model, path, label, x, y, config: EvalConfig):
-    """All attacks at all eps on one model; returns its record and the strongest attack's images."""
+PARTIAL_RESULTS = "results.partial.json"
+
+
+@contextlib.contextmanager
+def keep_on_interrupt(output_dir: str, results: dict[str, Any], unfinished: dict[str, Any]) -> Iterator[None]:
+    """On Ctrl-C in the block, writes what is finished (`results`, and the finished attacks of the
+    model in progress, `unfinished`) to results.partial.json in output_dir, leaving a results.json
+    of an earlier complete run as it was, and re-raises with a message naming the file."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        path = os.path.join(output_dir, PARTIAL_RESULTS)
+        os.makedirs(output_dir, exist_ok=True)
+        runfiles.write_json(path, {**results, "interrupted": True, "unfinished_model": unfinished})
+        raise KeyboardInterrupt(f"finished attacks kept in {path}") from None
+
+
+def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dict[str, Any]]):
+    """All attacks at all eps on one model, each appended to `runs` as it finishes; returns the
+    model's record and the last attack's images at eps."""
     target = attacks.with_backward(model, config.backward, config.steepness)
     clean_correct = models.correct(model, x, y)
     clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
     with attacks.saturated(model):
         fallback = float(np.mean(attacks.ce_falls_back(model.predict(x, batch_size=1000, verbose=0), y)))
-    runs, adversarial = [], None
+    adversarial = None
     survives = {}  # eps -> per example, correct under every attack run at that eps
     for eps in config.eps_values:
         survives[eps] = clean_correct.copy()
@@ -271,7 +328,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig):
                 **_settings(name, config, eps),
             })
             if eps == config.eps:
-                adversarial = (name, x_adv)  # The last of fgsm, bim, pgd run: the strongest.
+                adversarial = (name, x_adv)  # The last attack run, in the order asked for.
     at_eps = [r for r in runs if r["eps"] == config.eps]
     record = {
         "label": label,

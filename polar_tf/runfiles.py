@@ -134,6 +134,23 @@ def read_config(workdir: str) -> Config:
         return Config.from_dict(json.load(f))
 
 
+def trained_config(model_path: str) -> Config | None:
+    """The config a model was trained with: <name>.config.json beside a shipped <name>.keras, else
+    the config.json of its run folder; None where neither exists (a bare .keras file)."""
+    if os.path.isdir(model_path):
+        folder, shipped = model_path, None
+    else:
+        folder, shipped = os.path.dirname(os.path.abspath(model_path)), os.path.splitext(model_path)[0] + ".config.json"
+    for path in (shipped, os.path.join(folder, "config.json")):
+        if path and os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return Config.from_dict(json.load(f))
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path} could not be read: {e}") from None
+    return None
+
+
 def write_config(workdir: str, config: Config) -> None:
     """Writes config.json; refuses a workdir that holds a run with another config."""
     path = os.path.join(workdir, "config.json")

@@ -81,7 +81,7 @@ def test_model_paths(workdir):
     checkpoint = os.path.join(workdir, "stage3.keras")
     assert runfiles.resolve_model_path(workdir) == checkpoint
     assert runfiles.resolve_model_path(checkpoint) == checkpoint
-    assert evaluation.workdir_dataset(checkpoint) == "mnist"
+    assert evaluation.model_dataset(checkpoint) == "mnist"
     assert evaluation.model_label(checkpoint) == "mnist_polarized/stage3"
     with pytest.raises(runfiles.CheckpointError, match="does not exist"):
         runfiles.resolve_model_path(os.path.join(workdir, "missing.keras"))
@@ -192,3 +192,52 @@ def test_cli_errors_are_one_line(args, message):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert _last_line(done.stderr).startswith("evaluate.py: error:") and message in _last_line(done.stderr)
+
+
+def test_a_model_knows_its_dataset(workdir, tiny_model_path):
+    shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
+    assert evaluation.model_dataset(shipped) == "fashion_mnist"  # its .config.json beside it
+    assert evaluation.model_dataset(workdir) == "mnist"  # its run's config.json
+    assert evaluation.model_dataset(tiny_model_path) is None
+    assert evaluation.resolve_dataset([shipped]) == "fashion_mnist"
+    assert evaluation.resolve_dataset([tiny_model_path]) == evaluation.DEFAULT_DATASET
+    assert evaluation.resolve_dataset([shipped], "fashion_mnist") == "fashion_mnist"
+    with pytest.raises(ValueError, match="trained on fashion_mnist, not mnist.*--allow_dataset_mismatch"):
+        evaluation.resolve_dataset([shipped], "mnist")
+    assert evaluation.resolve_dataset([shipped], "mnist", allow_mismatch=True) == "mnist"
+    with pytest.raises(ValueError, match="different datasets"):
+        evaluation.resolve_dataset([shipped, workdir])
+
+
+def test_default_output_dir_is_never_a_tracked_folder(workdir):
+    shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
+    assert evaluation.default_output_dir(shipped) == os.path.join("runs", "evaluate", "fashion_mnist_polarized")
+    assert evaluation.default_output_dir(workdir) == workdir  # beside the model, in its run folder
+
+
+def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):
+    (tmp_path / "results.json").write_text('{"complete": true}')
+    results = {"models": [{"label": "a", "accuracy": {"fgsm": 0.5}}]}
+    runs = [{"attack": "fgsm", "eps": 0.3, "accuracy": 0.25}]
+    with pytest.raises(KeyboardInterrupt, match="results.partial.json"):
+        with evaluation.keep_on_interrupt(str(tmp_path), results, {"label": "b", "runs": runs}):
+            raise KeyboardInterrupt
+    partial = json.loads((tmp_path / evaluation.PARTIAL_RESULTS).read_text())
+    assert partial["interrupted"] and partial["models"] == results["models"]
+    assert partial["unfinished_model"] == {"label": "b", "runs": runs}
+    assert json.loads((tmp_path / "results.json").read_text()) == {"complete": True}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent CLI glue")
+def test_cli_takes_the_dataset_from_a_shipped_model_and_refuses_another(tmp_path):
+    shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
+    done = _run_cli(f"--model_path={shipped}", "--attacks=fgsm", "--num_examples=20", f"--output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dataset"] == "fashion_mnist" and results["eps"] == 0.1
+    assert results["models"][0]["clean_accuracy"] >= 0.8  # evaluated on its own dataset
+    refused = _run_cli(f"--model_path={shipped}", "--dataset=mnist", "--attacks=fgsm", "--num_examples=20",
+                       f"--output_dir={tmp_path / 'other'}")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "was trained on fashion_mnist, not mnist" in _last_line(refused.stderr)
+    assert not (tmp_path / "other").exists()
