@@ -463,14 +463,28 @@ def _curves(results: dict[str, Any]) -> dict[str, dict[str, tuple[list[float], l
     return curves
 
 
+def reduced_budgets(config: dict[str, Any]) -> list[str]:
+    """How the per-image attack budgets of `config` (an EvalConfig as a dict) fall short of the
+    paper's protocol (100 steps, 20 PGD restarts), e.g. ["20 steps of 100", "2 restarts of 20"]."""
+    reduced = []
+    if config["steps"] < DEFAULT_STEPS and set(config["attacks"]) & {"bim", "pgd"}:
+        reduced.append(f"{config['steps']} steps of {DEFAULT_STEPS}")
+    if config["restarts"] < DEFAULT_RESTARTS and "pgd" in config["attacks"]:
+        reduced.append(f"{config['restarts']} restarts of {DEFAULT_RESTARTS}")
+    return reduced
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """results.md: the paper's table for these models, the settings, and the sweep if any."""
     config = results["config"]
     names = config["attacks"]
     certified = config.get("certify", False)
+    reduced = reduced_budgets(config)
     lines = [
         f"# Robustness on {results['dataset']}, eps = {results['eps']:g}",
         "",
+        *([f"**Reduced budgets, not the paper's protocol** ({'; '.join(reduced)}): the robust accuracies are "
+           "looser upper bounds than the paper's protocol gives.", ""] if reduced else []),
         "Accuracy (%) of the saturated model on the first "
         f"{results['num_examples']} test images, L-inf attacks, pixels in [0, 1]."
         + (" Certified: a sound lower bound on robust accuracy (interval bound propagation from"

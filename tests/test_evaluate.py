@@ -1,5 +1,6 @@
 """Tests of polar_tf.evaluation and evaluate.py: settings, the report files, the plots, the CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -141,6 +142,8 @@ def test_results_md_rows_have_as_many_cells_as_their_header_with_certified_and_p
     evaluation.evaluate([workdir], config, output_dir=str(tmp_path))
     table = (tmp_path / "results.md").read_text()
     assert "| model | clean | FGSM | BIM | PGD | certified |" in table
+    assert "**Reduced budgets, not the paper's protocol** (2 steps of 100; 2 restarts of 20)" in table
+    assert evaluation.reduced_budgets(dataclasses.asdict(evaluation.EvalConfig())) == []
     assert "| paper: polarizing front end | 99.10 | 93.20 | 86.50 | 70.80 | - |" in table
     _check_tables(table)
 
