@@ -482,11 +482,25 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def reduced_budgets(config: dict[str, Any]) -> list[str]:
+    """How the per-image budgets of `config` (an AdaptiveConfig as a dict) fall short of the
+    standard ones: AutoAttack's (APGD 100 iterations, Square 5,000 queries) and the paper's PGD
+    (100 steps, 20 restarts); e.g. ["Square 500 queries of 5000"]."""
+    standard = AdaptiveConfig.__dataclass_fields__
+    names = {"pgd_steps": "PGD {} steps of {}", "pgd_restarts": "PGD {} restarts of {}",
+             "apgd_iterations": "APGD {} iterations of {}", "square_queries": "Square {} queries of {}"}
+    return [text.format(config[name], standard[name].default) for name, text in names.items()
+            if config[name] < standard[name].default]
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """results.md: accuracy under each attack and the worst case per model, the checks, the command."""
+    reduced = reduced_budgets(results["config"])
     lines = [
         f"# Adaptive robustness evaluation on {results['dataset']}, eps = {results['eps']:g}",
         "",
+        *([f"**Reduced budgets, not the standard ones** ({'; '.join(reduced)}): the accuracies and the worst "
+           "case are looser upper bounds than the standard budgets give.", ""] if reduced else []),
         f"Accuracy (%) of the saturated model on the first {results['num_examples']} test images, L-inf "
         "attacks, pixels in [0, 1]. Worst case: an example counts as robust only if it is classified "
         "correctly clean and under every attack (noise and transfer included).",

@@ -1,5 +1,6 @@
 """Tests of the adaptive suite: APGD, Square, transfer, the worst case and the masking checks."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -265,4 +266,8 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained, tmp_path):
                  "--square_queries=20", "--check_examples=20", f"--transfer_from={path}", f"--output_dir={out}"):
         assert flag in results["reproduce"]
     assert results["reproduce"] in done.stdout and "| worst case |" in done.stdout
-    assert "Sanity checks" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "Sanity checks" in report
+    assert ("**Reduced budgets, not the standard ones** (PGD 2 steps of 100; PGD 1 restarts of 20; APGD 3 iterations "
+            "of 100; Square 20 queries of 5000)") in report
+    assert adaptive.reduced_budgets(dataclasses.asdict(adaptive.AdaptiveConfig())) == []
