@@ -49,8 +49,8 @@ from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 from polar_tf.square import DEFAULT_P_INIT, DEFAULT_QUERIES, square
 
-GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr")
-NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "square": "Square",
+GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "square": "Square",
          "transfer": "transfer", "noise": "noise"}
 ZERO_ACCURACY = 0.05  # "about 0" for the eps_to_half check
 HALF = 0.5
@@ -70,7 +70,9 @@ class AdaptiveConfig:
         saturation; the others have one gradient).
       steepness: slope of the smooth backward pass; None keeps the model's.
       pgd_steps, pgd_restarts: PGD's steps (of eps / 10) and restarts; also the transfer attack's.
-      apgd_iterations, apgd_restarts: APGD's iterations and restarts (both losses).
+      apgd_iterations, apgd_restarts: APGD's iterations and restarts (every loss; APGD-T runs the
+        restarts for each target class).
+      apgd_target_classes: APGD-T's target classes (AutoAttack's standard version: 9).
       square_queries: the Square attack's query budget per example.
       square_p_init: its initial square size (fraction of the pixels).
       transfer_from: a .keras file or workdir whose PGD examples are evaluated on each model.
@@ -88,6 +90,7 @@ class AdaptiveConfig:
     pgd_restarts: int = attacks.DEFAULT_RESTARTS
     apgd_iterations: int = 100
     apgd_restarts: int = 1
+    apgd_target_classes: int = 9
     square_queries: int = DEFAULT_QUERIES
     square_p_init: float = DEFAULT_P_INIT
     transfer_from: str | None = None
@@ -107,7 +110,7 @@ class AdaptiveConfig:
             if backward not in BACKWARDS:
                 raise ValueError(f"backwards must be among {', '.join(BACKWARDS)}. Received: {backward!r}")
         for name in ("num_examples", "pgd_steps", "pgd_restarts", "apgd_iterations", "apgd_restarts",
-                     "check_examples"):
+                     "apgd_target_classes", "check_examples"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive integer. Received: {name}={value}")
@@ -147,10 +150,11 @@ def run_gradient_attack(name: str, model: keras.Model, x, y, eps: float, config:
         return attacks.fgsm(model, x, y, **common)
     if name == "pgd":
         return attacks.pgd(model, x, y, steps=config.pgd_steps, restarts=config.pgd_restarts, seed=config.seed, **common)
-    if name in ("apgd-ce", "apgd-dlr"):
-        settings = dict(iterations=config.apgd_iterations, restarts=config.apgd_restarts, seed=config.seed)
+    if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
+        settings = dict(iterations=config.apgd_iterations, restarts=config.apgd_restarts, seed=config.seed,
+                        target_classes=config.apgd_target_classes)
         settings.update(overrides)
-        return apgd(model, x, y, loss=name.split("-")[1], **settings, **common)
+        return apgd(model, x, y, loss={"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-t"}[name], **settings, **common)
     raise ValueError(f"attack must be one of {', '.join(GRADIENT_ATTACKS)}. Received: {name!r}")
 
 
@@ -162,6 +166,8 @@ def describe(name: str, config: AdaptiveConfig, eps: float) -> str:
                "restarts (worst case per example)",
         "apgd-ce": f"{config.apgd_iterations} iterations, {config.apgd_restarts} restart(s), cross-entropy (no fallback)",
         "apgd-dlr": f"{config.apgd_iterations} iterations, {config.apgd_restarts} restart(s), DLR loss",
+        "apgd-t": f"{config.apgd_iterations} iterations, {config.apgd_restarts} restart(s) for each of the "
+                  f"{config.apgd_target_classes} classes ranked highest after the top one, targeted DLR loss",
         "square": f"{config.square_queries} queries per example at most, p_init {config.square_p_init:g}, margin loss",
         "transfer": f"PGD ({config.pgd_steps} steps, {config.pgd_restarts} restarts) on {config.transfer_from}",
         "noise": "+eps or -eps in every pixel at random",
@@ -443,13 +449,14 @@ def reproduce_command(paths: Sequence[str], config: AdaptiveConfig, output_dir: 
     flags = {
         "backwards": ",".join(config.backwards), "steepness": config.steepness, "steps": config.pgd_steps,
         "restarts": config.pgd_restarts, "apgd_iterations": config.apgd_iterations,
-        "apgd_restarts": config.apgd_restarts, "square_queries": config.square_queries,
+        "apgd_restarts": config.apgd_restarts, "apgd_target_classes": config.apgd_target_classes,
+        "square_queries": config.square_queries,
         "square_p_init": config.square_p_init, "transfer_from": config.transfer_from,
         "check_examples": config.check_examples, "batch_size": config.batch_size, "data_dir": data_dir,
     }
     defaults = {"backwards": ",".join(default.backwards), "steps": default.pgd_steps, "restarts": default.pgd_restarts,
                 "apgd_iterations": default.apgd_iterations, "apgd_restarts": default.apgd_restarts,
-                "square_queries": default.square_queries, "square_p_init": default.square_p_init,
+                "apgd_target_classes": default.apgd_target_classes, "square_queries": default.square_queries, "square_p_init": default.square_p_init,
                 "check_examples": default.check_examples}
     for flag, value in flags.items():
         if value is not None and value != defaults.get(flag):

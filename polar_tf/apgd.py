@@ -1,7 +1,8 @@
-"""Auto-PGD (Croce & Hein 2020): APGD-CE and APGD-DLR, the white-box core of AutoAttack, L-inf.
+"""Auto-PGD (Croce & Hein 2020): APGD-CE, APGD-DLR and APGD-T, the white-box core of AutoAttack, L-inf.
 
     x_adv = apgd(model, x, y, eps=0.3)                        # APGD-CE, 100 iterations, 1 restart
     x_adv = apgd(model, x, y, eps=0.3, loss="dlr")            # APGD with the DLR loss
+    x_adv = apgd(model, x, y, eps=0.3, loss="dlr-t")          # APGD-T: targeted DLR, 9 target classes
     x_adv = apgd(with_backward(model, "smooth"), x, y, eps=0.3)
 
 Algorithm 1 of the paper, as their reference implementation runs it:
@@ -23,7 +24,11 @@ Losses (maximized): "ce" is the cross-entropy (`attacks.cross_entropy`), as in C
 without the MSE fallback of the paper's attacks, whose maximization can raise the true logit of a
 confident example. "dlr" is the difference of logits ratio
 -(z_y - max_{i != y} z_i) / max(z_pi1 - z_pi3, 1e-12), z_pi1 >= z_pi2 >= z_pi3 the three largest
-logits: invariant to shifting and scaling the logits.
+logits: invariant to shifting and scaling the logits. "dlr-t" is AutoAttack's targeted DLR,
+-(z_y - z_t) / max(z_pi1 - (z_pi3 + z_pi4) / 2, 1e-12), run once per target class t: the classes
+ranked 2nd, 3rd, ... (`target_classes` of them, 9 in AutoAttack's standard version) by the clean
+logits, each run attacking the examples no earlier one fooled, from the same random start (as
+the reference, which reseeds for every target).
 
 Result per example: the last point that fooled the model if any did, else the point of highest
 loss. As in the reference, examples the model already misclassifies are returned unchanged (x
@@ -41,10 +46,11 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from polar_tf import attacks, backend, models, progress
+from polar_tf import attacks, backend, progress
 
-LOSSES = ("ce", "dlr")
+LOSSES = ("ce", "dlr", "dlr-t")
 DEFAULT_ITERATIONS = 100
+DEFAULT_TARGET_CLASSES = 9
 MOMENTUM = 0.75
 RHO = 0.75
 _DLR_EPSILON = 1e-12
@@ -62,12 +68,26 @@ def dlr_loss(logits, y):
     return -(true_logit - best_other) / ops.maximum(top3[:, 0] - top3[:, 2], _DLR_EPSILON)
 
 
+def dlr_targeted_loss(logits, y, target):
+    """AutoAttack's targeted DLR loss per example, [batch] (to be maximized): -(z_y - z_t) /
+    (z_pi1 - (z_pi3 + z_pi4) / 2), z_pi the logits sorted in decreasing order."""
+    num_classes = logits.shape[-1]
+    true_logit = ops.sum(logits * ops.one_hot(ops.cast(y, "int32"), num_classes, dtype=logits.dtype), axis=-1)
+    target_logit = ops.sum(logits * ops.one_hot(ops.cast(target, "int32"), num_classes, dtype=logits.dtype), axis=-1)
+    top4 = ops.top_k(logits, 4, sorted=True)[0]
+    scale = top4[:, 0] - 0.5 * (top4[:, 2] + top4[:, 3])
+    return -(true_logit - target_logit) / ops.maximum(scale, _DLR_EPSILON)
+
+
 def objective(loss: str):
-    """The per-example loss function (logits, y) -> [batch] that `loss` names."""
+    """The per-example loss function (logits, y, target) -> [batch] that `loss` names (the
+    untargeted ones ignore the target)."""
+    if loss == "dlr-t":
+        return dlr_targeted_loss
     if loss == "dlr":
-        return dlr_loss
+        return lambda logits, y, target: dlr_loss(logits, y)
     if loss == "ce":
-        return attacks.cross_entropy
+        return lambda logits, y, target: attacks.cross_entropy(logits, y)
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
 
 
@@ -110,9 +130,9 @@ class CompiledAPGD:
         def project(x_adv, x, eps):
             return attacks.project(x_adv, x, eps, self.clip_min, self.clip_max)
 
-        def start(forward, value_and_grad, x, y, noise, eps):
+        def start(forward, value_and_grad, x, y, target, noise, eps):
             x_adv = project(x + eps * noise, x, eps)
-            losses, logits, gradient = value_and_grad(loss_fn, x_adv, y)
+            losses, logits, gradient = value_and_grad(lambda z, t: loss_fn(z, y, t), x_adv, target)
             fooled = ops.argmax(logits, axis=-1) != ops.cast(y, "int32")
             ones = ops.ones_like(losses)
             # x_adv, x_previous, gradient, loss, x_best, loss_best, gradient_best, x_fooled, fooled,
@@ -120,12 +140,12 @@ class CompiledAPGD:
             return (x_adv, x_adv, gradient, losses, x_adv, losses, gradient, x_adv, fooled,
                     2.0 * eps * ones, 0.0 * ones, losses, ones)
 
-        def iterate(forward, value_and_grad, state, x, y, eps, momentum, at_check, window):
+        def iterate(forward, value_and_grad, state, x, y, target, eps, momentum, at_check, window):
             (x_k, x_prev, gradient, loss_k, x_best, loss_best, gradient_best, x_fooled, fooled,
              step, increases, best_at_check, reduced_at_check) = state
             z = project(x_k + _rows(step, x_k) * ops.sign(gradient), x, eps)
             x_next = project(x_k + momentum * (z - x_k) + (1.0 - momentum) * (x_k - x_prev), x, eps)
-            loss_next, logits, gradient_next = value_and_grad(loss_fn, x_next, y)
+            loss_next, logits, gradient_next = value_and_grad(lambda z, t: loss_fn(z, y, t), x_next, target)
             wrong = ops.argmax(logits, axis=-1) != ops.cast(y, "int32")
             x_fooled = ops.where(_rows(wrong, x_next), x_next, x_fooled)
             fooled = ops.logical_or(fooled, wrong)
@@ -154,18 +174,20 @@ class CompiledAPGD:
     def _count_trace(self) -> None:
         self.traces += 1
 
-    def __call__(self, x, y, noise, eps: float, iterations: int, on_iteration=None):
-        """Attacks one batch; returns (x_adv, fooled, best loss) as NumPy arrays.
+    def __call__(self, x, y, target, noise, eps: float, iterations: int, on_iteration=None):
+        """Attacks one batch (towards `target`, for the targeted loss; else it is ignored); returns
+        (x_adv, fooled, best loss) as NumPy arrays.
 
         `on_iteration(done)`, if given, is called after each iteration with the number done."""
         f32 = np.float32
-        x_np, (x, y) = x, (ops.convert_to_tensor(x), ops.convert_to_tensor(y))  # on the device once
-        state = self._start(x, y, noise, f32(eps))
+        x_np = x
+        x, y, target = (ops.convert_to_tensor(v) for v in (x, y, target))  # on the device once
+        state = self._start(x, y, target, noise, f32(eps))
         schedule = dict(checkpoints(iterations))
         for i in range(iterations):
             window = schedule.get(i, 0)
             state = self._iterate(
-                state, x, y, f32(eps), f32(1.0 if i == 0 else MOMENTUM), f32(window > 0), f32(window)
+                state, x, y, target, f32(eps), f32(1.0 if i == 0 else MOMENTUM), f32(window > 0), f32(window)
             )
             if on_iteration is not None:
                 on_iteration(i + 1)
@@ -187,12 +209,13 @@ def apgd(
     iterations: int = DEFAULT_ITERATIONS,
     restarts: int = 1,
     loss: str = "ce",
+    target_classes: int = DEFAULT_TARGET_CLASSES,
     clip_min: float = 0.0,
     clip_max: float = 1.0,
     seed: int = 0,
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """APGD (Croce & Hein 2020, Algorithm 1), untargeted, L-inf.
+    """APGD (Croce & Hein 2020, Algorithm 1), L-inf: untargeted, or targeted (APGD-T).
 
     Args:
       model: a Keras model from images to logits (its saturation is switched on for the attack).
@@ -201,7 +224,10 @@ def apgd(
       eps: the L-inf radius.
       iterations: iterations per restart (the paper's N_iter, 100).
       restarts: attacks from independent random starts; later ones only on examples not yet fooled.
-      loss: "ce" (APGD-CE) or "dlr" (APGD-DLR; needs at least 3 classes).
+      loss: "ce" (APGD-CE), "dlr" (APGD-DLR; at least 3 classes) or "dlr-t" (APGD-T; at least
+        target_classes + 1 and 4 classes).
+      target_classes: for "dlr-t", how many target classes (ranked 2nd, 3rd, ... by the clean
+        logits) are attacked in turn, each with `restarts` restarts; ignored otherwise.
       clip_min, clip_max: the valid pixel range.
       seed: seeds the random starts.
       batch_size: images per compiled call (None: `backend.default_attack_batch_size()`).
@@ -217,6 +243,9 @@ def apgd(
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
     x, y = attacks._check_data(x, y, clip_min, clip_max)
     attacks._check_settings(eps, eps, iterations, restarts, True, seed)
+    targeted = loss == "dlr-t"
+    if targeted and not (isinstance(target_classes, (int, np.integer)) and target_classes >= 1):
+        raise ValueError(f"target_classes must be a positive integer. Received: target_classes={target_classes}")
     batch_size = _batch_size(batch_size)
     n = len(x)
     x_adv = x.copy()
@@ -225,42 +254,52 @@ def apgd(
         return x_adv
     compiled = compiled_apgd(model, loss, clip_min, clip_max)
     started = time.perf_counter()
-    title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {restarts} restarts" if restarts > 1 else "")
-    bar = progress.bar(f"{title}, {iterations} iterations", n * restarts, "run" if restarts > 1 else "example")
+    # The runs, in order: (restart, rank of the target class by the clean logits; 0: untargeted).
+    runs = [(r, rank) for rank in range(2, target_classes + 2) for r in range(restarts)] if targeted else \
+        [(r, 0) for r in range(restarts)]
+    title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {len(runs)} runs" if len(runs) > 1 else "")
+    bar = progress.bar(f"{title}, {iterations} iterations", n * len(runs), "run" if len(runs) > 1 else "example")
     with attacks.saturated(model):
-        fooled = models.predict_labels(model, x, batch_size) != y  # Already adversarial: x itself.
-        for restart in range(restarts):
+        logits = model.predict(x, batch_size=batch_size, verbose=0)
+        fooled = np.argmax(logits, axis=1) != y  # Already adversarial: x itself.
+        ranked = np.argsort(-logits, axis=1, kind="stable")
+        if targeted and ranked.shape[1] < max(target_classes + 1, 4):
+            raise ValueError(f"dlr-t needs at least max(target_classes + 1, 4) classes. Received: {ranked.shape[1]} "
+                             f"classes, target_classes={target_classes}")
+        for index, (restart, rank) in enumerate(runs):
             todo = np.flatnonzero(~fooled)
             if todo.size == 0:
                 break
             noise = _restart_noise(seed, restart, x.shape)
-            batch = min(batch_size, n)  # One batch shape for every restart: one trace.
+            target = ranked[:, rank - 1] if targeted else y
+            batch = min(batch_size, n)  # One batch shape for every run: one trace.
             for first in range(0, todo.size, batch):
                 rows = todo[first : first + batch]
-                # Runs settled: earlier restarts, examples fooled before this one, earlier batches.
-                before = restart * n + (n - todo.size) + first
+                # Runs settled: earlier runs, examples fooled before this one, earlier batches.
+                before = index * n + (n - todo.size) + first
                 accuracy = [("accuracy", 1.0 - fooled.mean())]
                 result, now_fooled, losses = compiled(
-                    attacks._pad(x[rows], batch), attacks._pad(y[rows], batch), attacks._pad(noise[rows], batch),
-                    eps, iterations,
+                    attacks._pad(x[rows], batch), attacks._pad(y[rows], batch), attacks._pad(target[rows], batch),
+                    attacks._pad(noise[rows], batch), eps, iterations,
                     on_iteration=lambda done: bar.update(before + len(rows) * done // iterations, accuracy),
                 )
                 count = len(rows)
                 result, now_fooled, losses = result[:count], now_fooled[:count], losses[:count]
                 compiled.image_steps += count * (iterations + 1)
                 attacks.check_adversarial(result, x[rows], eps, clip_min, clip_max)
-                # Rows are not fooled yet: a fooling restart always wins, else a higher loss.
+                # Rows are not fooled yet: a fooling run always wins, else a higher loss (the losses
+                # of different targets are on one scale: both are DLR ratios).
                 better = now_fooled | (losses > best_loss[rows])
                 x_adv[rows[better]] = result[better]
                 best_loss[rows[better]] = losses[better]
                 fooled[rows] = now_fooled
-            if restart + 1 < restarts:
-                bar.update((restart + 1) * n, [("accuracy", 1.0 - fooled.mean())])
+            if index + 1 < len(runs):
+                bar.update((index + 1) * n, [("accuracy", 1.0 - fooled.mean())])
             logging.info(
-                "apgd-%s eps=%g: restart %d/%d: %d/%d examples fooled, %.1f s",
-                loss, eps, restart + 1, restarts, int(fooled.sum()), n, time.perf_counter() - started,
+                "apgd-%s eps=%g: run %d/%d: %d/%d examples fooled, %.1f s",
+                loss, eps, index + 1, len(runs), int(fooled.sum()), n, time.perf_counter() - started,
             )
-        bar.update(n * restarts, [("accuracy", 1.0 - fooled.mean())])  # done, or none left to attack
+        bar.update(n * len(runs), [("accuracy", 1.0 - fooled.mean())])  # done, or none left to attack
     return x_adv
 
 

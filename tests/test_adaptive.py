@@ -69,6 +69,38 @@ def test_dlr_loss_values_and_invariance():
     np.testing.assert_allclose(ops.convert_to_numpy(apgd.dlr_loss(3.0 * logits + 7.0, y)), got, rtol=1e-5)
 
 
+def test_dlr_targeted_loss_values_and_invariance():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0, -1.0], [5.0, 1.0, 2.0, 4.0, 0.0]], np.float32)
+    y, target = np.array([0, 0], np.int32), np.array([2, 3], np.int32)
+    got = ops.convert_to_numpy(apgd.dlr_targeted_loss(logits, y, target))
+    # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2): -(1 - 2) / (3 - (1 + 0) / 2), -(5 - 4) / (5 - (2 + 1) / 2).
+    np.testing.assert_allclose(got, [1.0 / 2.5, -1.0 / 3.5], rtol=1e-6)
+    shifted = apgd.dlr_targeted_loss(3.0 * logits + 7.0, y, target)
+    np.testing.assert_allclose(ops.convert_to_numpy(shifted), got, rtol=1e-5)
+
+
+def test_apgd_t_maximizes_the_targeted_loss_towards_the_runner_up(trained, mnist_small):
+    """With one target class, APGD-T attacks each example's clean runner-up class: on the examples
+    it does not fool, it raised that targeted loss above the clean one, and further than APGD-CE
+    (which is not aimed at it) did."""
+    _, _, x, y = mnist_small
+    correct = models.predict_labels(trained, x) == y
+    x, y = x[correct], y[correct]
+    runner_up = np.argsort(-trained.predict(x, verbose=0), axis=1)[:, 1]
+
+    def targeted_loss(images):
+        return ops.convert_to_numpy(apgd.dlr_targeted_loss(trained.predict(images, verbose=0), y, runner_up))
+
+    eps = 0.05  # small enough that many examples survive
+    x_t = apgd.apgd(trained, x, y, eps=eps, iterations=20, loss="dlr-t", target_classes=1)
+    x_ce = apgd.apgd(trained, x, y, eps=eps, iterations=20, loss="ce")
+    survived = models.predict_labels(trained, x_t) == y
+    assert 10 <= survived.sum() < len(y)  # neither vacuous nor toothless
+    clean, towards, untargeted = targeted_loss(x)[survived], targeted_loss(x_t)[survived], targeted_loss(x_ce)[survived]
+    assert np.all(towards > clean)
+    assert towards.mean() > untargeted.mean()
+
+
 def test_apgd_checkpoints_are_the_papers():
     assert [i + 1 for i, _ in apgd.checkpoints(100)] == [22, 41, 57, 70, 80, 87, 93, 99]
     assert [w for _, w in apgd.checkpoints(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
@@ -109,14 +141,15 @@ def test_check_verdicts_on_hand_built_numbers():
 # The attacks.
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "square"])
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "square"])
 def test_new_attacks_drive_an_undefended_model_to_near_zero(trained, mnist_small, name):
     _, _, x, y = mnist_small
     assert models.accuracy(trained, x, y) > 0.85
     if name == "square":
         x_adv = square.square(trained, x, y, eps=EPS, queries=300)
     else:
-        x_adv = apgd.apgd(trained, x, y, eps=EPS, iterations=20, loss=name.split("-")[1])
+        loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-t"}[name]
+        x_adv = apgd.apgd(trained, x, y, eps=EPS, iterations=20, loss=loss, target_classes=2)
     assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
     assert np.max(np.abs(x_adv.astype(np.float64) - x)) <= EPS + attacks.INVARIANT_TOLERANCE
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
@@ -257,7 +290,7 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     (model,) = results["models"]
-    assert sorted(model["attacks"]) == ["apgd-ce", "apgd-dlr", "fgsm", "noise", "pgd", "square", "transfer"]
+    assert sorted(model["attacks"]) == ["apgd-ce", "apgd-dlr", "apgd-t", "fgsm", "noise", "pgd", "square", "transfer"]
     assert [c["name"] for c in model["checks"]] == [
         "eps_to_half", "more_budget", "gradient_free_vs_gradient", "iterative_vs_single_step", "noise_vs_attacks"
     ]
