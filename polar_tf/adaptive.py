@@ -53,6 +53,8 @@ GRADIENT_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")
 NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "square": "Square",
          "transfer": "transfer", "noise": "noise"}
 ZERO_ACCURACY = 0.05  # "about 0" for the eps_to_half check
+# Rounds of doubling Square's queries while it keeps fooling examples the gradient attacks missed.
+MAX_SQUARE_DOUBLINGS = 3
 HALF = 0.5
 
 
@@ -209,17 +211,26 @@ def check_more_budget(base: float, doubled: dict[str, float], n: int) -> dict[st
                   noise_level=max(noise_level(base, v, n) for v in doubled.values()))
 
 
-def check_gradient_free(correct_square: np.ndarray, correct_gradient: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The gradient-free attack must not beat the best gradient attack on the same examples."""
+def check_gradient_free(correct_square: np.ndarray, correct_gradient: dict[str, np.ndarray],
+                        escalation: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The gradient-free attack must not beat the best gradient attack on the same examples, nor
+    keep fooling more examples when given more queries (`escalation`, see `_escalate_square`)."""
     n = len(correct_square)
     accuracies = {k: float(np.mean(v)) for k, v in correct_gradient.items()}
     best = min(accuracies, key=accuracies.get)
     square_accuracy = float(np.mean(correct_square))
     only_square = int(np.sum(~correct_square & worst_case(np.ones(n, bool), correct_gradient)))
-    ok = square_accuracy >= accuracies[best] - noise_level(square_accuracy, accuracies[best], n)
-    return _check("gradient_free_vs_gradient", ok, square_accuracy=square_accuracy, best_gradient_attack=best,
-                  best_gradient_accuracy=accuracies[best], fooled_only_by_square=only_square, examples=n,
-                  verdict=None if ok else "gradients are masked: the gradient-free attack is stronger")
+    stronger = square_accuracy < accuracies[best] - noise_level(square_accuracy, accuracies[best], n)
+    gaining = any(r["newly_fooled"] > 0 for r in escalation)
+    verdict = None
+    if stronger or gaining:
+        verdict = "gradients are masked: " + "; ".join(
+            ([f"the gradient-free attack is stronger ({only_square} examples fooled only by it)"] if stronger else [])
+            + ([f"it kept gaining with more queries ({', '.join(str(r['newly_fooled']) for r in escalation)} "
+                f"more examples fooled at {', '.join(str(r['queries']) for r in escalation)} queries)"] if gaining else []))
+    return _check("gradient_free_vs_gradient", not (stronger or gaining), square_accuracy=square_accuracy,
+                  best_gradient_attack=best, best_gradient_accuracy=accuracies[best], fooled_only_by_square=only_square,
+                  more_queries=list(escalation), examples=n, verdict=verdict)
 
 
 def check_iterative(single_step: dict[str, float], iterative: dict[str, float], n: int) -> dict[str, Any]:
@@ -372,6 +383,7 @@ def evaluate_model(
         batch_size=config.batch_size, return_queries=True,
     ))
     record("square", "square", x_adv, seconds, queries_mean=float(queries.mean()), queries_max=int(queries.max()))
+    escalation = _escalate_square(model, x, y, x_adv, eps, config, clean, correct, record)
     if x_transfer is not None:
         record("transfer", "transfer", x_transfer, 0.0, source=config.transfer_from)
     x_adv, seconds = _timed(lambda: random_noise(x, eps, config.seed))
@@ -381,7 +393,7 @@ def evaluate_model(
     for key in runs:  # Examples that this attack alone breaks: what the worst case would lose without it.
         others = worst_case(clean, {k: v for k, v in correct.items() if k != key})
         runs[key]["fooled_only_by_this"] = int(np.sum(others & ~correct[key]))
-    checks = _sanity_checks(targets, x, y, eps, config, clean, correct, runs)
+    checks = _sanity_checks(targets, x, y, eps, config, clean, correct, runs, escalation)
     for check in checks:
         logging.info("%s: check %s: %s %s", label, check["name"], check["status"], _numbers(check))
     return {
@@ -396,11 +408,47 @@ def evaluate_model(
     }
 
 
+def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, clean, correct, record) -> list[dict[str, Any]]:
+    """Gives Square more queries while they pay: a gradient-free attack that fools what every
+    gradient attack missed, or keeps gaining with budget, is the sign of masked gradients, and its
+    full strength is what the worst case must count.
+
+    While the last Square run fooled examples that no gradient attack fooled, Square runs again
+    with twice the queries (and new random squares) on the examples robust under every attack so
+    far, at most `MAX_SQUARE_DOUBLINGS` times; each run is recorded as attack "square-x2", "-x4", ...,
+    its images those of the run before where it did not attack (`x_square`: the first run's).
+
+    Returns:
+      One entry per round: queries, examples attacked, examples newly fooled.
+    """
+    gradient = {k: v for k, v in correct.items() if k.split("/")[0] in GRADIENT_ATTACKS}
+    gained = int(np.sum(~correct["square"] & worst_case(clean, gradient)))
+    rounds, queries = [], config.square_queries
+    while gained > 0 and len(rounds) < MAX_SQUARE_DOUBLINGS:
+        queries *= 2
+        robust = np.flatnonzero(worst_case(clean, correct))
+        if robust.size == 0:
+            break
+        x_adv = x_square.copy()
+        x_adv[robust], seconds = _timed(lambda: square(
+            model, x[robust], y[robust], eps=eps, queries=queries, p_init=config.square_p_init,
+            seed=config.seed + len(rounds) + 1, batch_size=config.batch_size,
+        ))
+        key = f"square-x{queries // config.square_queries}"
+        record(key, "square", x_adv, seconds, queries=queries, attacked=int(robust.size),
+               description=f"{queries} queries per example at most on the {robust.size} examples robust so far "
+                           "(new random squares), the run before's images elsewhere")
+        gained = int(np.sum(~correct[key][robust]))
+        x_square = x_adv
+        rounds.append({"queries": queries, "attacked": int(robust.size), "newly_fooled": gained})
+    return rounds
+
+
 def _key(name: str, backward: str, backwards: int) -> str:
     return name if backwards == 1 or backward == "identity" else f"{name}/{backward}"
 
 
-def _sanity_checks(targets, x, y, eps, config: AdaptiveConfig, clean, correct, runs) -> list[dict[str, Any]]:
+def _sanity_checks(targets, x, y, eps, config: AdaptiveConfig, clean, correct, runs, escalation) -> list[dict[str, Any]]:
     m = min(config.check_examples, len(x))
     xs, ys = x[:m], y[:m]
     model = next(iter(targets.values()))
@@ -426,7 +474,7 @@ def _sanity_checks(targets, x, y, eps, config: AdaptiveConfig, clean, correct, r
         doubled[label] = float(_correct(model, x_adv, ys).mean())
     checks.append(check_more_budget(float(correct[base_key][:m].mean()), doubled, m))
     gradient = {k: correct[k] for k in runs if runs[k]["attack"] in GRADIENT_ATTACKS}
-    checks.append(check_gradient_free(correct["square"], gradient))
+    checks.append(check_gradient_free(correct["square"], gradient, escalation))
     accuracy = {k: runs[k]["accuracy"] for k in runs}
     checks.append(check_iterative(
         {k: accuracy[k] for k in gradient if runs[k]["attack"] == "fgsm"},
@@ -467,6 +515,8 @@ def reproduce_command(paths: Sequence[str], config: AdaptiveConfig, output_dir: 
 
 def _title(key: str) -> str:
     name, _, backward = key.partition("/")
+    if name.startswith("square-x"):
+        return f"Square ({name[len('square-'):]} queries)"
     return NAMES[name] + (f" ({backward})" if backward else "")
 
 

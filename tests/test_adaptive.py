@@ -133,6 +133,11 @@ def test_check_verdicts_on_hand_built_numbers():
     check = adaptive.check_gradient_free(square_correct, gradient)
     assert check["status"] == "warn" and check["fooled_only_by_square"] == 50 and "masked" in check["verdict"]
     assert adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct})["status"] == "pass"
+    # Square no stronger overall, but more queries kept fooling more examples: masked all the same.
+    rounds = [{"queries": 600, "attacked": 50, "newly_fooled": 3}, {"queries": 1200, "attacked": 47, "newly_fooled": 0}]
+    check = adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds)
+    assert check["status"] == "warn" and "3, 0 more examples fooled at 600, 1200 queries" in check["verdict"]
+    assert adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds[1:])["status"] == "pass"
     assert adaptive.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
     assert adaptive.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
     assert adaptive.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"
@@ -274,6 +279,16 @@ def test_checks_pass_on_an_honest_model_and_flag_a_masked_one(trained, mnist_sma
     assert fake["attacks"]["fgsm"]["accuracy"] == fake["clean_accuracy"]  # a zero gradient: FGSM is x
     gradient = [r["accuracy"] for r in fake["attacks"].values() if r["attack"] in adaptive.GRADIENT_ATTACKS]
     assert fake["attacks"]["square"]["accuracy"] < min(gradient) - 0.2
+    # Square fooled what the gradients missed: it got more queries on the survivors, in rounds
+    # that each doubled them, until a round fooled no more or the rounds ran out.
+    check = next(c for c in fake["checks"] if c["name"] == "gradient_free_vs_gradient")
+    rounds = check["more_queries"]
+    assert rounds and [r["queries"] for r in rounds] == [SMALL["square_queries"] * 2 ** (k + 1) for k in range(len(rounds))]
+    assert rounds[-1]["newly_fooled"] == 0 or len(rounds) == adaptive.MAX_SQUARE_DOUBLINGS
+    for r in rounds:
+        key = f"square-x{r['queries'] // SMALL['square_queries']}"
+        assert fake["attacks"][key]["accuracy"] <= fake["attacks"]["square"]["accuracy"]
+    assert fake["worst_case_accuracy"] <= min(r["accuracy"] for r in fake["attacks"].values())
 
 
 @pytest.mark.skipif(keras.backend.backend() == "jax", reason="backend-independent glue; saves a JAX start-up")
