@@ -12,14 +12,21 @@ to the workdir's dataset. The paper's protocol is the default: eps 0.3 (MNIST) o
 (Fashion-MNIST), 100 steps of eps/10, PGD with 20 restarts, all 10,000 test images.
 --suite=adaptive runs `polar_tf.adaptive` instead (FGSM, PGD, APGD-CE/DLR per backward pass, Square,
 transfer, noise; the per-example worst case; gradient-masking checks) into <model folder>/adaptive/.
+
+TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
+with one line `evaluate.py: error: ...` (exit 1), Ctrl-C with `evaluate.py: interrupted` (exit 130).
 """
 
 import sys
 
-from absl import app, flags
+from polar_tf import cli
 
-from polar_tf import adaptive, attacks, cli, evaluation
-from polar_tf.config import BACKWARDS
+cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports below load it.
+
+from absl import app, flags  # noqa: E402
+
+from polar_tf import adaptive, attacks, evaluation  # noqa: E402
+from polar_tf.config import BACKWARDS  # noqa: E402
 
 FLAGS = flags.FLAGS
 PROGRAM = "evaluate.py"
@@ -53,17 +60,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("check_examples", 1000, "Adaptive suite: examples of the eps-to-0.5 and doubled-budget checks.")
 
 
-def parse_flags(argv):
-    """absl's parser, with a one-line error for bad flags instead of a FATAL banner."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"{PROGRAM}: error: {e}")
-
-
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"{PROGRAM}: error: unexpected arguments {' '.join(argv[1:])}")
+    del argv  # cli.flags_parser has rejected positional arguments.
 
     def body():
         dataset = FLAGS.dataset
@@ -118,4 +116,4 @@ def run_adaptive(dataset: str) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=cli.flags_parser(PROGRAM))

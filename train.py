@@ -3,12 +3,19 @@ r"""Trains a model of the paper with the staged schedule.
   python train.py --dataset=mnist                   # all 3 stages, 60 epochs
   python train.py --dataset=mnist --stage=2         # stage 2 from the stage-1 checkpoint
   python train.py --dataset=fashion_mnist --epochs_per_stage=1 --train_examples=5000
+
+TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
+with one line `train.py: error: ...` (exit 1), Ctrl-C with `train.py: interrupted` (exit 130).
 """
 
-from absl import app, flags
+from polar_tf import cli
 
-from polar_tf import cli, training
-from polar_tf.config import BACKWARDS, MODELS, Config
+cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports below load it.
+
+from absl import app, flags  # noqa: E402
+
+from polar_tf import training  # noqa: E402
+from polar_tf.config import BACKWARDS, MODELS, Config  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -67,4 +74,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("train.py"))

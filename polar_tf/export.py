@@ -7,6 +7,8 @@ r"""TensorFlow SavedModel export with a serving signature.
 The signature takes float32 images [N, 28, 28, 1] in [0, 1] and returns "logits" and
 "probabilities" of the model as evaluated (a polarized model with its saturation switched on).
 Needs TensorFlow (imported lazily); from the JAX backend Keras converts through jax2tf.
+TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad or missing flags end
+with one line `polar_tf.export: error: ...` (exit 1).
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ import os
 import shutil
 import tempfile
 
-import keras
-from absl import app, flags
+from polar_tf import cli
 
-from polar_tf import cli, models, runfiles
+if __name__ == "__main__":
+    cli.quiet_startup()  # Before the imports below load Keras and TensorFlow, which logs while it loads.
+
+import keras  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from polar_tf import models, runfiles  # noqa: E402
 
 
 def export_saved_model(model: keras.Model, export_dir: str) -> None:
@@ -75,4 +82,4 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_string("model_path", None, "A .keras checkpoint or a workdir.", required=True)
     flags.DEFINE_string("export_dir", None, "SavedModel folder to write.", required=True)
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("polar_tf.export"))

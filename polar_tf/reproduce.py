@@ -19,6 +19,10 @@ the results files only.
 `--further_results` adds a section on other runs of these models (other seeds, jumps, schedules),
 from the results folders of their own `evaluate.py` calls (either suite): how each was trained,
 how polarized its front end ended, and its accuracy beside the paper's.
+
+TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
+with one line `polar_tf.reproduce: error: ...` (exit 1), Ctrl-C with `polar_tf.reproduce: interrupted`
+(exit 130); the same command then continues.
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ import json
 import os
 import shutil
 
-from absl import app, flags, logging
+from polar_tf import cli
 
-from polar_tf import adaptive, cli, evaluation, runfiles, training
-from polar_tf.config import DATASETS, Config
+if __name__ == "__main__":
+    cli.quiet_startup()  # Before the imports below load Keras and TensorFlow, which logs while it loads.
+
+from absl import app, flags, logging  # noqa: E402
+
+from polar_tf import adaptive, evaluation, runfiles, training  # noqa: E402
+from polar_tf.config import DATASETS, Config  # noqa: E402
 
 # The paper's rows, in its order, and the models that reproduce them.
 ROWS = (("baseline", "no defense"), ("adversarial", "adversarial training"), ("polarized", "polarizing front end"))
@@ -462,4 +471,4 @@ if __name__ == "__main__":
     flags.DEFINE_list("further_results", [], "Results folders of evaluate.py runs on other models to report too.")
     for name, default in dataclasses.asdict(Protocol()).items():
         flags.DEFINE_integer(name, default, f"Protocol setting (paper: {default}).")
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser("polar_tf.reproduce"))

@@ -1,25 +1,40 @@
 """Bad input: a one-line error, a non-zero exit, no traceback, and nothing written is lost."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
 import pytest
 
-from polar_tf import data, runfiles, training
+from polar_tf import cli, data, runfiles, training
 from polar_tf.config import Config
 
 # Flag checks do not depend on the backend: run the command-line cases in the TensorFlow pass only.
 cli_once = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent CLI check")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The commands run as a user runs them: the entry points respect a TF_CPP_MIN_LOG_LEVEL already set,
+# and the one the pytest process sets (2) lets TensorFlow's "failed call to cuInit" error through.
+USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", cli.VERBOSE_ENV)}
 
 
-def _train_py(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT)
+def _command(program, *args):
+    """`python <program> args` for a script, `python -m <program> args` for a module."""
+    if program.endswith(".py"):
+        return [sys.executable, os.path.join(ROOT, program), *args]
+    return [sys.executable, "-m", program, *args]
+
+
+def _run(program, *args, env=USER_ENV):
+    return subprocess.run(_command(program, *args), capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def _train_py(*args, env=USER_ENV):
+    return _run("train.py", *args, env=env)
 
 
 def _last_line(result):
@@ -32,8 +47,8 @@ def _last_line(result):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--dataset=cifar10"], "FATAL Flags parsing error: flag --dataset=cifar10"),
-        (["--model=resnet"], "FATAL Flags parsing error: flag --model=resnet"),
+        (["--dataset=cifar10"], "train.py: error: flag --dataset=cifar10: value should be one of <mnist|fashion_mnist>"),
+        (["--model=resnet"], "train.py: error: flag --model=resnet: value should be one of <polarized|baseline|direct_quant|adversarial>"),
         (["--jump=0"], "train.py: error: jump must be in (0, 1). Received: jump=0.0"),
         (["--epochs_per_stage=-1"], "train.py: error: epochs_per_stage must be a positive integer. Received: epochs_per_stage=-1"),
         (["--data_dir=/nonexistent/data"], "train.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"),
@@ -41,9 +56,109 @@ def _last_line(result):
 )
 def test_train_py_rejects_bad_flags(tmp_path, args, expected):
     result = _train_py(f"--workdir={tmp_path}/run", *args)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert any(line.startswith(expected) for line in lines[-2:]), lines[-3:]
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expected), result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run")
+
+
+@cli_once
+@pytest.mark.parametrize(
+    "program, args, expected",
+    [
+        ("train.py", ["--datset=mnist"], "train.py: error: Unknown command line flag 'datset'. Did you mean: dataset ?"),
+        ("train.py", ["mnist"], "train.py: error: unexpected arguments mnist"),
+        ("evaluate.py", ["--loss=hinge"], "evaluate.py: error: flag --loss=hinge: value should be one of <ce|cw>"),
+        ("evaluate.py", ["runs/a.keras"], "evaluate.py: error: unexpected arguments runs/a.keras"),
+        ("polar_tf.export", ["--export_dir=/nonexistent/export"],
+         "polar_tf.export: error: flag --model_path=None: Flag --model_path must have a value other than None."),
+        ("polar_tf.export", [],
+         "polar_tf.export: error: flag --model_path=None: Flag --model_path must have a value other than None.; "
+         "flag --export_dir=None: Flag --export_dir must have a value other than None."),
+        ("polar_tf.reproduce", ["--dataset=cifar10"],
+         "polar_tf.reproduce: error: flag --dataset=cifar10: value should be one of <all|mnist|fashion_mnist>"),
+        ("polar_tf.reproduce", ["--steps=many"],
+         "polar_tf.reproduce: error: flag --steps=many: invalid literal for int() with base 10: 'many'"),
+    ],
+)
+def test_every_entry_point_answers_bad_flags_with_one_line(program, args, expected):
+    result = _run(program, *args)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [expected]
+
+
+@cli_once
+@pytest.mark.parametrize(
+    "program, args, expected",
+    [
+        ("train.py", ["--workdir={tmp}/run", "--data_dir=/nonexistent/data"],
+         "train.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"),
+        ("evaluate.py", ["--model_path=pretrained/mnist_polarized.keras", "--output_dir={tmp}/out",
+                         "--data_dir=/nonexistent/data"],
+         "evaluate.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"),
+        ("polar_tf.export", ["--model_path={tmp}/missing.keras", "--export_dir={tmp}/export"],
+         "polar_tf.export: error: model {tmp}/missing.keras does not exist (expected a .keras file or a workdir)"),
+    ],
+)
+def test_start_up_is_quiet_by_default(tmp_path, program, args, expected):
+    # Without cli.quiet_startup, TensorFlow would print its notices (oneDNN, CUDA, cuInit) before the error.
+    result = _run(program, *[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [expected.format(tmp=tmp_path)]
+    assert os.listdir(tmp_path) == []
+
+
+def test_quiet_startup_keeps_a_users_log_level_and_steps_aside_when_verbose(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.setenv(cli.VERBOSE_ENV, "1")
+    cli.quiet_startup()
+    assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    monkeypatch.setenv(cli.VERBOSE_ENV, "0")
+    cli.quiet_startup()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    cli.quiet_startup()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+
+
+@cli_once
+def test_verbose_start_up_shows_tensorflows_notices_before_the_error(tmp_path):
+    result = _train_py(f"--workdir={tmp_path}/run", "--data_dir=/nonexistent/data", env={**USER_ENV, cli.VERBOSE_ENV: "1"})
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert lines[-1] == "train.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"
+    assert len(lines) > 1  # TensorFlow 2.21 (pinned) logs its oneDNN and CUDA notices while it loads.
+
+
+@cli_once
+def test_ctrl_c_stops_training_with_one_line_and_status_130_keeping_what_it_wrote(tmp_path, mnist_subset_dir):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        _command("train.py", f"--workdir={workdir}", f"--data_dir={mnist_subset_dir}", "--train_examples=64",
+                 "--epochs_per_stage=100", "--verbose=0"),
+        cwd=ROOT, env=USER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    def checkpoints():  # Everything in the folder, temporary files included.
+        return sorted((workdir / "checkpoints").iterdir()) if (workdir / "checkpoints").exists() else []
+
+    def complete():
+        return [p for p in checkpoints() if p.name.startswith("epoch_") and p.suffix == ".keras"]
+
+    deadline = time.monotonic() + 300
+    while not complete() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and complete(), f"no epoch checkpoint within 300 s (exit status {process.poll()})"
+    config = (workdir / "config.json").read_text()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.splitlines()[-1] == "train.py: interrupted"
+    assert (workdir / "config.json").read_text() == config
+    assert runfiles.read_config(str(workdir)).epochs_per_stage == 100
+    assert complete() and complete() == checkpoints()  # No temporary file left behind.
+    for path in complete():
+        runfiles.load_model(str(path))  # Complete: each was written atomically.
+    epochs = [r["epoch"] for r in runfiles.MetricsLog(str(workdir / "metrics.jsonl")).read()]
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 1
 
 
 @cli_once
