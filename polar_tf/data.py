@@ -3,7 +3,11 @@
 Where the data comes from, in order:
   1. `data_dir` (the --data_dir flag), if given;
   2. the folder in $POLAR_TF_DATA_DIR, if set;
-  3. `tensorflow_datasets`, which downloads when a network exists.
+  3. `tensorflow_datasets`, which downloads when a network exists (into $TFDS_DATA_DIR, by
+     default ~/tensorflow_datasets). Without a network tfds retries for minutes, so a dataset it
+     has not prepared yet is loaded only if one of its download hosts takes a connection within
+     a few seconds; otherwise, and when the download fails, a one-line DataError says where to
+     point --data_dir, and what the failed attempt left in tfds' folder is removed.
 A folder may hold the files directly or in a subfolder named after the dataset, gzipped or raw.
 Pixels are scaled to [0, 1] with no mean/std normalisation.
 """
@@ -12,13 +16,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import socket
 import struct
+import urllib.parse
+import urllib.request
 
 import numpy as np
 
 from polar_tf.config import DATASETS
 
 ENV_VAR = "POLAR_TF_DATA_DIR"
+CONNECT_TIMEOUT_S = 3.0  # How long a download host may take to answer before we call it unreachable.
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 _FILES = {
@@ -122,17 +131,84 @@ def read_idx(path: str, magic: int) -> np.ndarray:
 
 
 def _load_tfds(dataset: str, split: str):
+    where = f"no --data_dir, ${ENV_VAR} unset, and tensorflow_datasets"
     hint = f"pass --data_dir or set ${ENV_VAR} to a folder of IDX files"
     try:
         import tensorflow_datasets as tfds  # Lazy: TensorFlow may be absent (JAX-only machines).
     except ImportError as e:
-        raise DataError(f"no --data_dir, ${ENV_VAR} unset, and tensorflow_datasets unavailable ({e}); {hint}") from None
+        raise DataError(f"{where} unavailable ({e}); {hint}") from None
+    try:
+        builder = tfds.builder(dataset)
+    except Exception as e:
+        raise DataError(f"{where} failed: {_first_line(e)}; {hint}") from None
+    # is_prepared() logs a warning for a folder that does not exist: ask only about one that does.
+    if not (os.path.isdir(builder.data_dir) and builder.is_prepared()):
+        unreachable = _unreachable(builder.url_infos or {})  # The URLs tfds keeps checksums of.
+        if unreachable:
+            raise DataError(f"{where} cannot download {dataset}: {unreachable}; {hint}")
+    root = os.fspath(builder.data_dir_root)
+    before = _tree(root)
     try:
         images, labels = tfds.as_numpy(tfds.load(dataset, split=split, batch_size=-1, as_supervised=True))
-    except Exception as e:  # Network, download and checksum failures all surface here.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"no --data_dir, ${ENV_VAR} unset, and tensorflow_datasets failed: {first_line}; {hint}") from None
+    except BaseException as e:  # Ctrl-C too: tfds does not resume a partial download.
+        _remove_new(root, before)
+        if not isinstance(e, Exception):
+            raise
+        # Network, download and checksum failures all surface here.
+        raise DataError(f"{where} failed: {_first_line(e)}; {hint}") from None
     return images.astype(np.float32) / 255.0, labels.astype(np.int32)
+
+
+def _unreachable(urls) -> str | None:
+    """Says why none of the hosts of `urls` can be reached, or None if one can (or there are none).
+
+    A host is reachable if it takes a TCP connection within CONNECT_TIMEOUT_S (the name lookup
+    before it is the system's); where a proxy is configured ($https_proxy, ...), the proxy is
+    what has to answer.
+    """
+    proxies = urllib.request.getproxies()
+    addresses = []
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme in proxies and not urllib.request.proxy_bypass(parts.hostname or ""):
+            proxy = proxies[parts.scheme]
+            parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        addresses.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+    failures = []
+    for host, port in dict.fromkeys(addresses):
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+            return None
+        except OSError as e:
+            failures.append(f"{host}:{port} ({e})")
+    return f"no connection to {', '.join(failures)}" if failures else None
+
+
+def _tree(folder: str) -> set[str] | None:
+    """Every path under `folder`, or None if it does not exist."""
+    if not os.path.isdir(folder):
+        return None
+    return {os.path.join(d, name) for d, dirs, files in os.walk(folder) for name in dirs + files}
+
+
+def _remove_new(folder: str, before: set[str] | None) -> None:
+    """Removes what appeared under `folder` since `before = _tree(folder)`, and nothing else."""
+    if before is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for d, dirs, files in os.walk(folder):
+        for name in list(dirs):
+            if os.path.join(d, name) not in before:
+                shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+                dirs.remove(name)
+        for name in files:
+            if os.path.join(d, name) not in before:
+                os.remove(os.path.join(d, name))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_dataset(dataset: str, data_dir: str | None = None, train_examples: int = 0):

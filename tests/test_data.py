@@ -1,11 +1,23 @@
+import errno
 import gzip
+import os
+import socket
+import subprocess
 import sys
+import time
 
+import keras
 import numpy as np
 import pytest
 
 from conftest import write_idx
 from polar_tf import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFUSED = f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
+PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY")
+# The tensorflow_datasets fallback does not depend on the backend: check it in the TensorFlow pass only.
+tfds_once = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent tfds check")
 
 
 def test_real_mnist_and_fashion_mnist(mnist):
@@ -34,6 +46,8 @@ def _write_split(folder, n=3, compress=False, **overrides):
 def test_reads_raw_and_gzip_idx(tmp_path, compress):
     images, labels = _write_split(tmp_path, compress=compress)
     x, y = data.load("mnist", "train", str(tmp_path))
+    # Exact: a quotient of small integers is correctly rounded to float32 whether divided in float32
+    # or in float64 and rounded (53 >= 2 * 24 + 2 bits), on any CPU.
     np.testing.assert_array_equal(x[..., 0], images.astype(np.float32) / np.float32(255))
     np.testing.assert_array_equal(y, labels)
 
@@ -97,3 +111,77 @@ def test_no_source_at_all_says_where_it_looked(monkeypatch):
 def test_train_examples_limit(mnist_subset_dir):
     (x_train, _), (x_test, _) = data.load_dataset("mnist", mnist_subset_dir, train_examples=100)
     assert len(x_train) == 100 and len(x_test) == 200
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_download_check_needs_one_host_or_its_proxy_to_answer(monkeypatch):
+    for var in PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    closed = _closed_port()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        listening = server.getsockname()[1]
+        assert data._unreachable([f"http://127.0.0.1:{listening}/a.gz"]) is None
+        assert data._unreachable([f"http://127.0.0.1:{closed}/a.gz", f"http://127.0.0.1:{listening}/b.gz"]) is None
+        assert data._unreachable([]) is None  # Nothing to check: tfds is left to try.
+        assert data._unreachable([f"http://127.0.0.1:{closed}/a.gz", f"http://127.0.0.1:{closed}/b.gz"]) == (
+            f"no connection to 127.0.0.1:{closed} ({REFUSED})"
+        )
+        monkeypatch.setenv("http_proxy", f"127.0.0.1:{closed}")  # Downloads would go through it.
+        assert data._unreachable([f"http://127.0.0.1:{listening}/a.gz"]).startswith(f"no connection to 127.0.0.1:{closed} (")
+
+
+@tfds_once
+def test_without_network_the_tfds_fallback_fails_in_seconds_with_one_line(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    # A proxy that refuses connections stands for a machine without network, with or without one.
+    env = {k: v for k, v in os.environ.items() if k not in (data.ENV_VAR, "TF_CPP_MIN_LOG_LEVEL", *PROXY_VARS)}
+    proxy = f"http://127.0.0.1:{_closed_port()}"
+    env.update(TFDS_DATA_DIR=str(tmp_path / "tfds"), http_proxy=proxy, https_proxy=proxy)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={tmp_path}/run"],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    assert time.monotonic() - start < 60  # tfds alone retries for minutes.
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"train.py: error: no --data_dir, $POLAR_TF_DATA_DIR unset, and tensorflow_datasets cannot download mnist: "
+        f"no connection to {proxy[len('http://'):]} ({REFUSED}); "
+        "pass --data_dir or set $POLAR_TF_DATA_DIR to a folder of IDX files"
+    ]
+    assert not os.path.exists(tmp_path / "tfds") and not os.path.exists(tmp_path / "run")
+
+
+@tfds_once
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_failed_tfds_download_removes_what_it_created_and_only_that(tmp_path, monkeypatch, existed):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    root = tmp_path / "tfds"
+    if existed:
+        (root / "downloads" / "mnist").mkdir(parents=True)
+        (root / "downloads" / "mnist" / "kept.gz").write_bytes(b"earlier download")
+        (root / "fashion_mnist" / "3.0.1").mkdir(parents=True)
+    before = sorted(root.rglob("*"))
+    real_builder = tfds.builder
+    monkeypatch.setattr(tfds, "builder", lambda name: real_builder(name, data_dir=str(root)))
+
+    def failing_load(name, **kwargs):  # Leaves what an interrupted tfds download leaves.
+        (root / "downloads" / "mnist" / "train-images.gz.tmp.0f3a").mkdir(parents=True)
+        (root / "downloads" / "extracted").mkdir()
+        (root / name / "3.0.1.incomplete.5").mkdir(parents=True)
+        raise ConnectionError("Connection reset by peer\nwhile reading train-images")
+
+    monkeypatch.setattr(tfds, "load", failing_load)
+    monkeypatch.setattr(data, "_unreachable", lambda urls: None)  # As if the download host answered.
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    with pytest.raises(data.DataError) as error:
+        data.load("mnist", "train")
+    assert str(error.value) == (
+        "no --data_dir, $POLAR_TF_DATA_DIR unset, and tensorflow_datasets failed: Connection reset by peer; "
+        "pass --data_dir or set $POLAR_TF_DATA_DIR to a folder of IDX files"
+    )
+    assert sorted(root.rglob("*")) == before and root.exists() == existed
