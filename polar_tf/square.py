@@ -3,15 +3,17 @@
     x_adv = square(model, x, y, eps=0.3)                      # 5000 queries per example
     x_adv, queries = square(model, x, y, eps=0.3, queries=1000, return_queries=True)
 
-As their reference (`square_attack_linf`), untargeted, with the margin loss
+As AutoAttack's standard version runs it (its `SquareAttack` with p_init 0.8, 5,000 queries, one
+restart, no rescaled schedule; the Square authors' reference `square_attack_linf` differs only in
+rescaling the schedule to the budget, `rescale_schedule=True`), untargeted, with the margin loss
 l(x) = z_y - max_{j != y} z_j (minimized; the example is fooled when it is <= 0):
   - start from vertical stripes: each column of the image moved by +eps or -eps (random);
   - each iteration, per example: pick a random square of side s (s = round(sqrt(p * pixels)),
     between 1 and side - 1), set the perturbation on it to +eps or -eps (per channel, random;
     the other sign if that would not change the current image), and keep the new image only if
     the loss decreases;
-  - p starts at p_init (0.05) and halves as the iteration passes 10, 50, 200, 500, 1000, 2000,
-    4000, 6000 and 8000 of 10,000, scaled to the query budget;
+  - p starts at p_init (0.8) and halves as the iteration passes 10, 50, 200, 500, 1000, 2000,
+    4000, 6000 and 8000 (of 10,000; with `rescale_schedule`, those fractions of the budget);
   - an example stops as soon as it is fooled.
 Queries are counted per example: forward passes whose output the attack uses, including the
 first (is the clean image classified correctly? an already misclassified one costs just that
@@ -36,7 +38,7 @@ from keras import ops
 from polar_tf import attacks, backend, models, progress
 
 DEFAULT_QUERIES = 5000
-DEFAULT_P_INIT = 0.05
+DEFAULT_P_INIT = 0.8  # AutoAttack's for L-inf, and the Square authors' on MNIST
 # The reference's schedule: iteration (per 10,000) after which p is halved once more.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _UNCHANGED = 1e-7
@@ -51,9 +53,10 @@ def margin(logits, y):
     return true_logit - ops.max(ops.where(onehot > 0, -1e30, logits), axis=-1)
 
 
-def p_selection(p_init: float, iteration: int, iterations: int) -> float:
-    """The fraction of pixels the square covers at `iteration` of `iterations` (the reference's)."""
-    scaled = int(iteration / iterations * 10000)
+def p_selection(p_init: float, iteration: int, iterations: int, rescale: bool = False) -> float:
+    """The fraction of pixels the square covers at `iteration` (of `iterations`, which `rescale`
+    maps onto the schedule's 10,000, as the Square reference does; AutoAttack does not)."""
+    scaled = int(iteration / iterations * 10000) if rescale else iteration
     return p_init / 2 ** sum(scaled > h for h in _HALVINGS)
 
 
@@ -130,6 +133,7 @@ def square(
     seed: int = 0,
     batch_size: int | None = None,
     return_queries: bool = False,
+    rescale_schedule: bool = False,
 ):
     """The Square attack, L-inf, untargeted, margin loss.
 
@@ -145,6 +149,8 @@ def square(
       seed: seeds the stripes, squares and signs.
       batch_size: images per compiled call (None: `backend.default_attack_batch_size()`).
       return_queries: also return the queries spent on each example.
+      rescale_schedule: spread the halvings of p over the budget (the Square reference) rather
+        than at fixed iterations (AutoAttack).
 
     Returns:
       The adversarial images (float32, shaped like x), and with `return_queries` the queries per
@@ -175,7 +181,8 @@ def square(
         bar = progress.bar(f"square eps={eps:g}: {todo.size} examples, {queries} queries each", todo.size, "example")
         fooled = n - todo.size
         for rows, states in batches(model, x, y, todo, eps=eps, queries=queries, p_init=p_init, clip_min=clip_min,
-                                    clip_max=clip_max, seed=seed, batch_size=batch_size):
+                                    clip_max=clip_max, seed=seed, batch_size=batch_size,
+                                    rescale_schedule=rescale_schedule):
             done = int(np.searchsorted(todo, rows[0]))
             for i, state in enumerate(states):
                 if i % _SYNC_EVERY == 0:  # a progress update costs a copy to the host
@@ -193,7 +200,8 @@ def square(
 
 
 def batches(model: keras.Model, x: np.ndarray, y: np.ndarray, todo: np.ndarray, *, eps: float, queries: int,
-            p_init: float, clip_min: float, clip_max: float, seed: int, batch_size: int):
+            p_init: float, clip_min: float, clip_max: float, seed: int, batch_size: int,
+            rescale_schedule: bool = False):
     """The attack on the examples `todo` (correctly classified ones), batch by batch.
 
     Yields, for each batch, (rows, states): the example indices and an iterator over the states
@@ -218,7 +226,7 @@ def batches(model: keras.Model, x: np.ndarray, y: np.ndarray, todo: np.ndarray, 
         for i in range(queries - 2):
             if i % _SYNC_EVERY == 0 and not np.any(ops.convert_to_numpy(state[1])[: len(rows)] > 0):
                 return
-            side = square_side(p_selection(p_init, i, queries), height, width)
+            side = square_side(p_selection(p_init, i, queries, rescale_schedule), height, width)
             corners, signs = proposals(seed, i, rows, side, height, channels)
             state = compiled._iterate(state, xb, yb, f32(eps), np.int32(side), attacks._pad(corners, batch),
                                       attacks._pad(signs, batch))

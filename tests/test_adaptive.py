@@ -108,9 +108,13 @@ def test_apgd_checkpoints_are_the_papers():
 
 
 def test_square_schedule():
-    assert square.p_selection(0.05, 0, 5000) == 0.05
-    assert square.p_selection(0.05, 6, 5000) == 0.025  # 6 of 5000 is 12 of 10,000: past 10
-    assert square.p_selection(0.05, 4999, 5000) == 0.05 / 512
+    assert square.DEFAULT_P_INIT == 0.8 and square.DEFAULT_QUERIES == 5000  # AutoAttack's standard
+    assert square.p_selection(0.8, 0, 5000) == 0.8
+    assert square.p_selection(0.8, 10, 5000) == 0.8 and square.p_selection(0.8, 11, 5000) == 0.4
+    assert square.p_selection(0.8, 4999, 5000) == 0.8 / 128  # past 4000 of the fixed schedule
+    # The reference's rescaled schedule: 6 of 5000 is 12 of 10,000, past 10.
+    assert square.p_selection(0.05, 6, 5000, rescale=True) == 0.025
+    assert square.p_selection(0.05, 4999, 5000, rescale=True) == 0.05 / 512
     assert square.square_side(0.05, 28, 28) == 6 and square.square_side(1e-6, 28, 28) == 1
     assert square.square_side(1.0, 28, 28) == 27
 
