@@ -46,7 +46,11 @@ def test_certified_accuracy_is_reported_and_below_every_attack(polarized_checkpo
     assert sorted(certified) == [0.0, 0.01, 0.05]
     assert all(e["checked_against_attacks"] for e in model["certified"])
     values = [certified[e] for e in sorted(certified)]
-    assert values == sorted(values, reverse=True) and values[1] > 0.2  # monotone, and not vacuous
+    # Monotone: the boxes are nested, and so are the sets of front-end outputs that can change;
+    # one more moves the bounds by a saturation level, far beyond float rounding. Not vacuous.
+    assert values == sorted(values, reverse=True) and values[1] > 0.2
+    # Exact, not a near-tie comparison: evaluate checks per example that every certified image
+    # survived every attack (CertificateViolation otherwise); certify withholds float tolerances.
     for run in model["runs"]:
         assert certified[run["eps"]] <= run["accuracy"]
     with open(os.path.join(tmp_path, "results.md")) as f:

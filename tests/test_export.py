@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+import float_paths
 from polar_tf import models, runfiles
 from polar_tf.config import Config
 
@@ -25,6 +26,17 @@ def saved_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "model.keras")
     runfiles.save_model(model, path)
     return path
+
+
+def _assert_same_logits(model, x, served, expected):
+    """Two computation paths (TensorFlow's graph or the other backend, another process) give the
+    same logits up to float32 rounding, wherever no front-end output lies within rounding of a
+    jump; there one path may saturate to the next level, a real but legitimate difference. Those
+    images must be few, and the logits not all zero (as a saturated random model's are on noise)."""
+    far = float_paths.jump_gaps(model, x) > float_paths.Z_TOLERANCE
+    assert far.mean() >= 0.9
+    assert np.abs(expected[far]).max() > 0.01
+    np.testing.assert_allclose(served[far], expected[far], rtol=0, atol=float_paths.logit_atol(expected))
 
 
 def test_saved_model_serves_the_keras_outputs_without_polar_tf(tmp_path, saved_checkpoint, mnist):
@@ -52,8 +64,12 @@ def test_saved_model_serves_the_keras_outputs_without_polar_tf(tmp_path, saved_c
     out = np.load(tmp_path / "out.npz")
     model = runfiles.load_model(saved_checkpoint)
     expected = ops.convert_to_numpy(model(x))
-    np.testing.assert_allclose(out["logits"], expected, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out["probabilities"], ops.convert_to_numpy(ops.softmax(expected)), atol=1e-6)
+    _assert_same_logits(model, x, out["logits"], expected)
+    # The probabilities are the softmax of the served logits (float32 exp and division: within a
+    # few ulps of numbers <= 1).
+    logits = out["logits"].astype(np.float64)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(out["probabilities"], softmax / softmax.sum(axis=1, keepdims=True), rtol=0, atol=1e-6)
 
 
 def test_export_replaces_an_existing_dir_and_fails_cleanly(tmp_path, saved_checkpoint):
@@ -74,9 +90,9 @@ def test_export_replaces_an_existing_dir_and_fails_cleanly(tmp_path, saved_check
 
 @pytest.mark.parametrize("other", ["tensorflow", "jax"])
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="both directions are covered by the TensorFlow pass")
-def test_checkpoint_loads_and_predicts_identically_under_each_backend(tmp_path, saved_checkpoint, other):
+def test_checkpoint_loads_and_predicts_identically_under_each_backend(tmp_path, saved_checkpoint, other, mnist):
     """A .keras file saved under this backend gives the same predictions under `other`."""
-    x = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    x = mnist[1][0][:16]  # real digits: on noise the saturated random model's logits are all 0
     np.save(tmp_path / "x.npy", x)
     script = (
         "import sys, numpy as np\n"
@@ -89,8 +105,11 @@ def test_checkpoint_loads_and_predicts_identically_under_each_backend(tmp_path, 
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    expected = ops.convert_to_numpy(runfiles.load_model(saved_checkpoint)(x))
+    model = runfiles.load_model(saved_checkpoint)
+    expected = ops.convert_to_numpy(model(x))
     if other == keras.backend.backend():
+        # Exact: the same backend runs the same kernels on the same shapes with the same thread
+        # count (the subprocess inherits the environment), on the same machine.
         np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
     else:
-        np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
+        _assert_same_logits(model, x, np.load(tmp_path / "y.npy"), expected)

@@ -3,8 +3,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+import float_paths
 from polar_tf import data, models, reproduce, runfiles
 from polar_tf.config import DATASETS, Config
 
@@ -30,6 +32,16 @@ def test_pretrained_model_reaches_recorded_clean_accuracy(dataset, model_name):
     assert (frontend is not None and frontend.saturating) == (model_name == "polarized")
     x, y = data.load(dataset, "test")
     n = table["num_examples"]
-    accuracy = models.accuracy(model, x[:n], y[:n])
-    # The same weights on another backend may flip an example sitting on a jump: allow 2 in 1000.
-    assert accuracy == pytest.approx(record["clean_accuracy"], abs=2 / n)
+    x, y = x[:n], y[:n]
+    # The table was computed on another machine (TensorFlow, an Intel CPU). Another backend, CPU or
+    # thread count may decide an image differently only where float32 rounding can: a near-tie
+    # of two logits, or a front-end output within rounding of a jump that the prediction hangs on
+    # (the shipped Fashion-MNIST front end leaves 76 of its 19.6 million outputs on these images
+    # within 1e-5 of its jump, and up to 45 predictions may depend on them).
+    # Every path's count of correct images, the table's and this one's, lies between the decided
+    # correct ones and those plus the undecided ones.
+    classes = float_paths.decided_classes(model, x)
+    sure, unsure = int(np.sum(classes == y)), int(np.sum(classes < 0))
+    assert unsure <= 0.05 * n
+    assert sure <= round(record["clean_accuracy"] * n) <= sure + unsure
+    assert sure <= np.sum(models.correct(model, x, y)) <= sure + unsure
