@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+import float_paths
 from polar_tf import adaptive, apgd, attacks, data, models, runfiles, square
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,13 +179,20 @@ def test_transfer_from_another_model(trained, mnist_small):
 def test_square_respects_its_query_budget(trained, mnist_small):
     _, _, x, y = mnist_small
     x_adv, spent = square.square(trained, x, y, eps=0.03, queries=150, return_queries=True, batch_size=64)
-    correct = models.predict_labels(trained, x) == y
-    survived = models.predict_labels(trained, x_adv) == y
+    # Square decides with its own forward pass (batch 64); this one (predict) may round a margin
+    # within float noise of 0 the other way: those examples are left out, and must be few.
+    margins, decided = {}, np.ones(len(y), bool)
+    for name, images in (("clean", x), ("adversarial", x_adv)):
+        logits = trained.predict(images, verbose=0)
+        margins[name] = ops.convert_to_numpy(square.margin(logits, y))
+        decided &= np.abs(margins[name]) > 2 * float_paths.logit_atol(logits)
+    assert decided.mean() >= 0.95
+    correct, survived = margins["clean"] > 0, margins["adversarial"] > 0
     assert spent.max() <= 150
-    np.testing.assert_array_equal(spent[~correct], 1)  # the clean query alone
-    np.testing.assert_array_equal(x_adv[~correct], x[~correct])
-    assert np.all(spent[survived] == 150) and survived.sum() > 10  # unfooled examples use it all
-    assert np.all(spent[correct & ~survived] < 150)
+    np.testing.assert_array_equal(spent[~correct & decided], 1)  # the clean query alone
+    np.testing.assert_array_equal(x_adv[~correct & decided], x[~correct & decided])
+    assert np.all(spent[survived & decided] == 150) and survived.sum() > 10  # unfooled examples use it all
+    assert np.all(spent[correct & ~survived & decided] < 150)
 
 
 def test_square_proposals_are_per_example():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+import float_paths
 from polar_tf import attacks, backend, models
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 
@@ -207,8 +208,14 @@ def test_result_does_not_depend_on_batching(trained_mlp):
     model, x, y = trained_mlp
     x, y = x[:40], y[:40]
     run = lambda batch: attacks.pgd(model, x, y, eps=0.06, step_size=0.02, steps=3, restarts=3, batch_size=batch)
-    sequential = run(16)
-    np.testing.assert_allclose(run(128), sequential, atol=1e-6)
+    sequential, together = run(16), run(128)
+    # The two batch shapes round the gradients differently in the last bits, which can flip the
+    # sign of a component within rounding of 0, moving that pixel by a step. A different restart
+    # kept would change nearly every pixel (another random start): so per example at most a few
+    # pixels may differ, and most examples not at all.
+    moved = np.abs(together - sequential).reshape(len(x), -1) > 1e-6
+    assert moved.mean(axis=1).max() <= 0.02
+    assert np.sum(moved.any(axis=1)) <= 0.05 * len(x)
     assert 0.2 < models.accuracy(model, sequential, y) < 0.95  # survivors: restarts 2 and 3 ran
 
 
@@ -247,8 +254,15 @@ def test_jax_whole_loop_and_python_loop_agree(cnn):
             jax_whole_loop=whole_loop,
         )
         outputs.append(run(x, y, attacks.start_point(x, noise, EPS), EPS, EPS / 4, 5))
-    for whole, stepped in zip(*outputs):
-        np.testing.assert_allclose(whole, stepped, rtol=1e-5, atol=1e-6)
+    # One XLA computation against several may round a gradient component within rounding of 0 to
+    # the other sign, moving that pixel by a step: few pixels may differ; where none does, the
+    # loss and logits agree to float32 rounding.
+    (x_whole, *rest_whole), (x_stepped, *rest_stepped) = outputs
+    moved = np.abs(x_whole - x_stepped).reshape(len(x), -1) > 1e-6
+    assert moved.mean() <= 0.01
+    same = ~moved.any(axis=1)
+    for whole, stepped in zip(rest_whole, rest_stepped):
+        np.testing.assert_allclose(whole[same], stepped[same], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_attack_cache_does_not_keep_models_alive():
@@ -332,10 +346,18 @@ def test_iterative_attacks_beat_fgsm_and_restarts_never_help_the_model(trained_m
     pgd_accuracy = {r: accuracy(x_adv) for r, x_adv in pgd.items()}
     assert clean > 0.85 and fgsm < clean - 0.2
     assert bim <= fgsm and pgd_accuracy[1] <= fgsm
-    assert pgd_accuracy[3] <= pgd_accuracy[1]
-    # Per example: whatever one restart fools, three restarts fool; the others keep the higher loss.
-    predicted = {r: models.predict_labels(model, x_adv) for r, x_adv in pgd.items()}
-    assert np.all((predicted[1] != y) <= (predicted[3] != y))
-    survivors = predicted[3] == y
-    losses = {r: ops.convert_to_numpy(attacks.per_example_loss(model(pgd[r]), y)) for r in pgd}
-    assert np.all(losses[3][survivors] >= losses[1][survivors])
+    # The two runs batch restart 1 differently (restarts 2 and 3 fill the batch), so it is rounded
+    # differently in the last bits: an example whose margin is within that rounding of 0 may be
+    # fooled by one run's restart 1 and not the other's. Away from those near-ties, whatever one
+    # restart fools three restarts fool, and the others keep the higher loss (up to rounding).
+    logits = {r: ops.convert_to_numpy(model(x_adv)) for r, x_adv in pgd.items()}
+    margins = ops.convert_to_numpy(attacks.per_example_loss(logits[1], y, "cw"))
+    near_tie = np.abs(margins) <= 2 * float_paths.logit_atol(logits[1])
+    assert near_tie.sum() <= 0.02 * len(y)
+    assert pgd_accuracy[3] <= pgd_accuracy[1] + near_tie.mean()
+    predicted = {r: np.argmax(z, axis=1) for r, z in logits.items()}
+    assert np.all(((predicted[1] != y) <= (predicted[3] != y))[~near_tie])
+    survivors = (predicted[3] == y) & ~near_tie
+    losses = {r: ops.convert_to_numpy(attacks.per_example_loss(z, y)) for r, z in logits.items()}
+    rounding = 1e-5 * np.maximum(1.0, np.abs(losses[1]))
+    assert np.all(losses[3][survivors] >= losses[1][survivors] - rounding[survivors])
