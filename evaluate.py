@@ -1,17 +1,22 @@
 r"""Attacks trained models with FGSM, BIM and PGD; writes a robustness report and the paper's plots.
 
-  python evaluate.py --model_path=runs/mnist_polarized/stage3.keras --dataset=mnist
+  python evaluate.py --model_path=pretrained/mnist_polarized.keras --quick   # a first try: about a minute
+  python evaluate.py --model_path=runs/mnist_polarized/stage3.keras
   python evaluate.py --model_path=runs/fashion_mnist_polarized --dataset=fashion_mnist \
       --attacks=fgsm,bim,pgd --eps=0.1 --restarts=20 --steps=100
   python evaluate.py --model_path=a.keras,b.keras --dataset=mnist --eps_sweep=0:0.4:0.02 --num_examples=1000
   python evaluate.py --suite=adaptive --model_path=runs/mnist_polarized --transfer_from=runs/mnist_baseline
 
-Writes results.json, results.md and PNG figures into --output_dir (default: the folder of the
-first model) and prints the table. For a model inside a training workdir, --dataset defaults
-to the workdir's dataset. The paper's protocol is the default: eps 0.3 (MNIST) or 0.1
-(Fashion-MNIST), 100 steps of eps/10, PGD with 20 restarts, all 10,000 test images.
---suite=adaptive runs `polar_tf.adaptive` instead (FGSM, PGD, APGD-CE/DLR per backward pass, Square,
-transfer, noise; the per-example worst case; gradient-masking checks) into <model folder>/adaptive/.
+Writes results.json, results.md and PNG figures into --output_dir (default: the first model's
+training run folder, or runs/evaluate/<name> for a model outside one, e.g. a shipped one) and
+prints the table. --dataset defaults to the dataset the model was trained on (its run's config.json
+or the <name>.config.json shipped beside it); another one needs --allow_dataset_mismatch. The
+paper's protocol is the default: eps 0.3 (MNIST) or 0.1 (Fashion-MNIST), 100 steps of eps/10, PGD
+with 20 restarts, all 10,000 test images; --quick cuts it to a one-minute try (see QUICK).
+--suite=adaptive runs `polar_tf.adaptive` instead (FGSM, PGD, APGD-CE/DLR/T per backward pass, Square,
+transfer, noise; the per-example worst case; gradient-masking checks) into <output folder>/adaptive/.
+Progress bars show each attack's progress; Ctrl-C stops within seconds, keeping finished attacks
+in results.partial.json.
 
 TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
 with one line `evaluate.py: error: ...` (exit 1), Ctrl-C with `evaluate.py: interrupted` (exit 130).
@@ -25,7 +30,7 @@ cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports be
 
 from absl import app, flags  # noqa: E402
 
-from polar_tf import adaptive, attacks, evaluation  # noqa: E402
+from polar_tf import adaptive, attacks, evaluation, square  # noqa: E402
 from polar_tf.config import BACKWARDS  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -54,20 +59,26 @@ def define_flags() -> None:
     flags.DEFINE_list("backwards", list(BACKWARDS), "Adaptive suite: backward passes each gradient attack runs with.")
     flags.DEFINE_integer("apgd_iterations", 100, "Adaptive suite: APGD iterations.")
     flags.DEFINE_integer("apgd_restarts", 1, "Adaptive suite: APGD restarts.")
-    flags.DEFINE_integer("square_queries", 5000, "Adaptive suite: Square attack query budget per example.")
-    flags.DEFINE_float("square_p_init", 0.05, "Adaptive suite: Square attack initial square size (fraction of pixels).")
+    flags.DEFINE_integer("apgd_target_classes", 9, "Adaptive suite: APGD-T's target classes (AutoAttack's: 9).")
+    flags.DEFINE_integer("square_queries", square.DEFAULT_QUERIES, "Adaptive suite: Square attack query budget per example.")
+    flags.DEFINE_float("square_p_init", square.DEFAULT_P_INIT, "Adaptive suite: Square attack initial square size (fraction of pixels).")
     flags.DEFINE_string("transfer_from", None, "Adaptive suite: a model (.keras or workdir) whose PGD examples are transferred.")
     flags.DEFINE_integer("check_examples", 1000, "Adaptive suite: examples of the eps-to-0.5 and doubled-budget checks.")
+    flags.DEFINE_bool("quick", False, "Reduced budgets that finish in about a minute on a CPU (a first try, not the "
+                      "paper's protocol); explicit flags override them.")
+    flags.DEFINE_bool("allow_dataset_mismatch", False, "Evaluate on --dataset even if a model was trained on another.")
 
 
 def main(argv):
     del argv  # cli.flags_parser has rejected positional arguments.
 
     def body():
-        dataset = FLAGS.dataset
-        if not FLAGS["dataset"].present and FLAGS.model_path:
-            # A workdir knows its dataset: --dataset is needed only to evaluate on another one.
-            dataset = evaluation.workdir_dataset(FLAGS.model_path[0]) or dataset
+        # A model knows its dataset (its run's or shipped config): --dataset only to choose another.
+        dataset = evaluation.resolve_dataset(
+            FLAGS.model_path or [], FLAGS.dataset if FLAGS["dataset"].present else None, FLAGS.allow_dataset_mismatch
+        )
+        if FLAGS.quick:
+            _apply_quick_preset()
         if FLAGS.suite == "adaptive":
             ignored = [f"--{n}" for n in ("attacks", "loss", "backward", "eps_sweep", "certify") if FLAGS[n].present]
             if ignored:
@@ -99,11 +110,27 @@ def main(argv):
     cli.run_main(PROGRAM, body)
 
 
+# --quick: budgets that finish in about a minute on a 2-core CPU, to try the commands; not the
+# paper's protocol (the command line in results.json says --quick). Flags given explicitly win.
+QUICK = {
+    "standard": {"num_examples": 500, "steps": 20, "restarts": 2},
+    "adaptive": {"num_examples": 100, "steps": 20, "restarts": 2, "apgd_iterations": 20, "apgd_target_classes": 3,
+                 "square_queries": 500, "check_examples": 100},
+}
+
+
+def _apply_quick_preset() -> None:
+    for name, value in QUICK[FLAGS.suite].items():
+        if not FLAGS[name].present:
+            FLAGS[name].value = value
+
+
 def run_adaptive(dataset: str) -> None:
     config = adaptive.AdaptiveConfig(
         dataset=dataset, eps=FLAGS.eps, num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed, backwards=tuple(FLAGS.backwards), steepness=FLAGS.steepness, pgd_steps=FLAGS.steps,
         pgd_restarts=FLAGS.restarts, apgd_iterations=FLAGS.apgd_iterations, apgd_restarts=FLAGS.apgd_restarts,
+        apgd_target_classes=FLAGS.apgd_target_classes,
         square_queries=FLAGS.square_queries, square_p_init=FLAGS.square_p_init, transfer_from=FLAGS.transfer_from,
         check_examples=FLAGS.check_examples,
     )

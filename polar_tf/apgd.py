@@ -281,7 +281,8 @@ def apgd(
                 result, now_fooled, losses = compiled(
                     attacks._pad(x[rows], batch), attacks._pad(y[rows], batch), attacks._pad(target[rows], batch),
                     attacks._pad(noise[rows], batch), eps, iterations,
-                    on_iteration=lambda done: bar.update(before + len(rows) * done // iterations, accuracy),
+                    on_iteration=lambda done: done < iterations and bar.update(
+                        before + len(rows) * done // iterations, accuracy),
                 )
                 count = len(rows)
                 result, now_fooled, losses = result[:count], now_fooled[:count], losses[:count]

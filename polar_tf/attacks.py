@@ -286,7 +286,8 @@ def pgd(
     scheduled = np.zeros(n, dtype=np.int64)  # restarts of each example attacked so far
     started = time.perf_counter()
     title = f"{name} eps={eps:g}: {n} examples" + (f" x {restarts} restarts" if restarts > 1 else "")
-    bar = progress.bar(f"{title}, {steps} steps of {step_size:g}", n * restarts, "run" if restarts > 1 else "example")
+    bar = progress.bar(f"{title}, {steps} step{'s' * (steps != 1)} of {step_size:g}", n * restarts,
+                       "run" if restarts > 1 else "example")
 
     def settled() -> int:
         """(Example, restart) runs done or made unnecessary by an earlier restart that fooled."""
@@ -302,7 +303,9 @@ def pgd(
             accuracy = [("accuracy", 1.0 - fooled.mean())]
             x_adv, losses, logits = attack(
                 _pad(x[rows], batch), _pad(y[rows], batch), _pad(noise, batch), eps, step_size, steps,
-                steps_per_call=backend.attack_steps_per_call(), on_steps=lambda done: bar.update(before + len(rows) * done // max(steps, 1), accuracy),
+                steps_per_call=backend.attack_steps_per_call(),
+                # The batch's last update comes after its bookkeeping, with the new accuracy.
+                on_steps=lambda done: done < steps and bar.update(before + len(rows) * done // steps, accuracy),
             )
             count = len(rows)
             x_adv, losses, logits = x_adv[:count], losses[:count], logits[:count]

@@ -79,15 +79,19 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     """Runs `body` and turns what a user can cause into one line on stderr, without a traceback.
 
     Bad values, missing or damaged files and a diverging loss exit 1 with `<program>: error: ...`;
-    Ctrl-C exits 130 (128 + SIGINT, as a shell reports it) with `<program>: interrupted`. What
-    `body` wrote before is kept: files are written atomically.
+    Ctrl-C exits 130 (128 + SIGINT, as a shell reports it) with `<program>: interrupted`, followed
+    by what was kept if the interrupted code says so. What `body` wrote before is kept: files are
+    written atomically. Attacks show their progress bars (`polar_tf.progress`).
     """
+    from polar_tf import progress  # Here, not at the top: it imports Keras.
+
+    progress.enable()
     try:
         body()
     except (ValueError, OSError, ArithmeticError) as e:
         sys.exit(f"{program}: error: {_one_line(e)}")
-    except KeyboardInterrupt:
-        print(f"{program}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{program}: interrupted" + (f"; {_one_line(e)}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
 
 

@@ -2,7 +2,8 @@
 
 Silent by default, so that library calls and tests print nothing; the entry points call
 `enable()`. A bar shows the work done of its worst-case total, elapsed time and ETA, and the
-numbers the attack reports (e.g. the accuracy left so far).
+numbers the attack reports: "accuracy" is the fraction of all examples not fooled so far (those
+not attacked yet count as not fooled, so it only falls).
 
     bar = progress.bar("pgd eps=0.3: 1000 examples x 20 restarts", target=20000, unit="run")
     bar.update(done, [("accuracy", 0.71)])

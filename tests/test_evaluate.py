@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import matplotlib.image
@@ -244,3 +246,28 @@ def test_cli_takes_the_dataset_from_a_shipped_model_and_refuses_another(tmp_path
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "was trained on fashion_mnist, not mnist" in _last_line(refused.stderr)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent CLI glue")
+def test_ctrl_c_stops_an_evaluation_within_seconds_keeping_the_finished_attacks(tmp_path):
+    shipped = os.path.join(ROOT, "pretrained", "mnist_polarized.keras")
+    (tmp_path / "results.json").write_text('{"earlier": true}')
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--model_path={shipped}", "--attacks=fgsm,pgd",
+         "--num_examples=500", f"--output_dir={tmp_path}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stdout:  # The progress bars' titles: FGSM has finished when PGD starts.
+        if line.startswith("pgd eps=0.3"):
+            break
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    # PGD runs in compiled calls of a few seconds on the CPU; generous for a loaded machine.
+    assert time.monotonic() - sent < 60
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    partial_path = tmp_path / evaluation.PARTIAL_RESULTS
+    assert stderr.splitlines()[-1] == f"evaluate.py: interrupted; finished attacks kept in {partial_path}"
+    partial = json.loads(partial_path.read_text())
+    assert [run["attack"] for run in partial["unfinished_model"]["runs"]] == ["fgsm"]
+    assert json.loads((tmp_path / "results.json").read_text()) == {"earlier": True}
