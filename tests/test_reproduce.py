@@ -1,5 +1,6 @@
 """The reproduction pipeline end to end on a tiny protocol: resumable, report generated from files."""
 
+import dataclasses
 import json
 import os
 
@@ -80,10 +81,15 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
         log.append({"epoch": epoch, "stage": epoch + 1, "frac_within_eps_of_jump": frac})
     model = str(workdir / "stage3.keras")
     common = {"dataset": "fashion_mnist", "num_examples": 1000, "total_seconds": 12.0, "backend": "tensorflow", "device": "CPU"}
-    table = {**common, "command": "python evaluate.py --x", "output_dir": str(tmp_path / "table"),
+    table_config = dataclasses.asdict(reproduce.evaluation.EvalConfig(dataset="fashion_mnist", restarts=2))
+    # A suite run before APGD-T: its config has no apgd_target_classes.
+    suite_config = {k: v for k, v in dataclasses.asdict(reproduce.adaptive.AdaptiveConfig(dataset="fashion_mnist",
+                    square_queries=1000)).items() if k != "apgd_target_classes"}
+    table = {**common, "command": "python evaluate.py --x", "output_dir": str(tmp_path / "table"), "config": table_config,
              "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.873,
                          "accuracy": {"fgsm": 0.5, "bim": 0.25, "pgd": 0.2}}]}
     suite = {**common, "command": "python evaluate.py --suite=adaptive", "output_dir": str(tmp_path / "adaptive"),
+             "suite": "adaptive", "config": suite_config,
              "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.9, "worst_case_accuracy": 0.125}]}
     for name, results in (("table", table), ("adaptive", suite)):
         runfiles.write_json(str(tmp_path / name / "results.json"), results)
@@ -93,7 +99,10 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
     # The paper's polarized Fashion-MNIST row is 87.3 / 69.4 / 54.9 / 44.5; clean comes from the table, not the suite.
     row = "| fashion_mnist | fashion_seed1/stage3 | 1 | 0.2 | 3 | 5.0% | 87.30 (+0.0) | 50.00 (-19.4) | 25.00 (-29.9) | 20.00 (-24.5) | 12.50 |"
     assert row in text.splitlines()
-    assert "- `python evaluate.py --suite=adaptive` (1000 test images, 12 s; backend tensorflow, device CPU; adaptive/results.md)" in text
+    assert ("- `python evaluate.py --suite=adaptive` (1000 test images, budgets REDUCED (Square 1000 queries of 5000; an "
+            "earlier suite: no APGD-T, Square with p_init 0.05 on a rescaled schedule), 12 s; backend tensorflow, "
+            "device CPU; adaptive/results.md)") in text
+    assert "- `python evaluate.py --x` (1000 test images, budgets REDUCED (2 restarts of 20), 12 s;" in text
     assert reproduce.further_markdown(reproduce.further_runs(()), str(tmp_path)) == ""
     with pytest.raises(ValueError, match="results folders of evaluate.py"):
         reproduce.further_runs((str(tmp_path / "runs"),))
