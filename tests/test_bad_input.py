@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from polar_tf import cli, data, runfiles, training
+from polar_tf import cli, data, progress, runfiles, training
 from polar_tf.config import Config
 
 # Flag checks do not depend on the backend: run the command-line cases in the TensorFlow pass only.
@@ -136,7 +136,11 @@ def test_ctrl_c_stops_training_with_one_line_and_status_130_keeping_what_it_wrot
         _command("train.py", f"--workdir={workdir}", f"--data_dir={mnist_subset_dir}", "--train_examples=64",
                  "--epochs_per_stage=100", "--verbose=0"),
         cwd=ROOT, env=USER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A runner started in the background (`cmd &`) ignores SIGINT, and its children inherit that:
+        # Python would then never raise KeyboardInterrupt. Ctrl-C at a terminal finds SIGINT's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
     def checkpoints():  # Everything in the folder, temporary files included.
         return sorted((workdir / "checkpoints").iterdir()) if (workdir / "checkpoints").exists() else []
 
@@ -233,3 +237,26 @@ def test_evaluate_py_rejects_bad_input_and_keeps_earlier_results(tmp_path, wrong
     assert _last_line(result) == f"evaluate.py: error: {expected}" or expected in _last_line(result)
     assert _last_line(result).startswith("evaluate.py: error:")
     assert earlier.read_text() == '{"kept": true}\n'
+
+
+def test_ctrl_c_that_python_drops_in_a_destructor_is_delivered_again(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # run_main keeps its hook after Ctrl-C.
+
+    class CutOff:
+        def __del__(self):
+            raise KeyboardInterrupt  # As if Ctrl-C landed in a destructor: Python prints and drops it.
+
+    def body():
+        CutOff()
+        time.sleep(30)  # The interrupt sent again arrives here.
+        raise AssertionError("the interrupt was lost")
+
+    previous, bars = signal.signal(signal.SIGINT, signal.default_int_handler), progress.enabled()  # As at a terminal.
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main("prog", body)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.enable(bars)  # run_main turns the progress bars on.
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "prog: interrupted\n"

@@ -256,6 +256,9 @@ def test_ctrl_c_stops_an_evaluation_within_seconds_keeping_the_finished_attacks(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--model_path={shipped}", "--attacks=fgsm,pgd",
          "--num_examples=500", f"--output_dir={tmp_path}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A runner started in the background (`cmd &`) ignores SIGINT, and its children inherit that:
+        # Python would then never raise KeyboardInterrupt. Ctrl-C at a terminal finds SIGINT's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:  # The progress bars' titles: FGSM has finished when PGD starts.
         if line.startswith("pgd eps=0.3"):
