@@ -8,7 +8,9 @@ and runs its work with `run_main(program, body)`. This module imports nothing he
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from typing import Callable
 
 from absl import flags
@@ -85,14 +87,33 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     """
     from polar_tf import progress  # Here, not at the top: it imports Keras.
 
+    interrupted = False
+
+    def unraisable(info) -> None:
+        # Python drops an exception raised in a __del__ or a weakref callback ("Exception ignored
+        # in ..."). TensorFlow runs many, so a Ctrl-C landing in one was lost now and then: send it
+        # again, from a thread, so that it lands after this hook has returned. After Ctrl-C, objects
+        # it cut off half-built fail in their __del__ as the program exits: no news to the user.
+        if interrupted:
+            return
+        if issubclass(info.exc_type, KeyboardInterrupt):
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+        else:
+            previous(info)
+
     progress.enable()
+    previous, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         body()
     except (ValueError, OSError, ArithmeticError) as e:
         sys.exit(f"{program}: error: {_one_line(e)}")
     except KeyboardInterrupt as e:
+        interrupted = True
         print(f"{program}: interrupted" + (f"; {_one_line(e)}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
+    finally:
+        if not interrupted:  # After Ctrl-C the hook stays for the exit.
+            sys.unraisablehook = previous
 
 
 def _one_line(error: Exception) -> str:
