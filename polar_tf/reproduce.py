@@ -410,6 +410,7 @@ def further_runs(folders: tuple[str, ...]) -> dict:
                                                        "accuracy": {}, "trained": _trained(record["path"])})
             if "worst_case_accuracy" in record:  # the adaptive suite
                 model["accuracy"]["adaptive"] = record["worst_case_accuracy"]
+                model["adaptive_budgets"] = budget_note(results)
             else:
                 model["accuracy"].update(record["accuracy"], clean=record["clean_accuracy"])
     return {"models": list(models.values()), "sources": sources}
@@ -448,6 +449,8 @@ def further_markdown(further: dict, base: str) -> str:
                 cells.append("-")
             elif paper and column in COLUMNS:
                 cells.append(f"{100 * value:.2f} ({100 * value - paper[COLUMNS.index(column)]:+.1f})")
+            elif column == "adaptive" and model.get("adaptive_budgets") != "AutoAttack's":
+                cells.append(f"{100 * value:.2f} (reduced budgets)")
             else:
                 cells.append(f"{100 * value:.2f}")
         near = trained.get("frac_within_eps_of_jump")
