@@ -70,11 +70,12 @@ def default_attack_batch_size() -> int:
     return ACCELERATOR_ATTACK_BATCH_SIZE if on_accelerator() else CPU_ATTACK_BATCH_SIZE
 
 
-# Steps per compiled attack call for TensorFlow on the CPU: a call of 500 images x 10 steps takes
-# about 2.5 s there, so progress updates and Ctrl-C (which Python sees only between calls) come
-# within seconds; each call adds one forward pass (about 3% of 10 steps). Elsewhere the whole
-# loop is one call (fast on an accelerator; a Python loop already on JAX's CPU).
-TF_CPU_ATTACK_STEPS_PER_CALL = 10
+# Steps per compiled attack call for TensorFlow on the CPU: a call of 500 images x 20 steps takes
+# about 3 s on the 2-core CPU, so progress updates and Ctrl-C (which Python sees only between
+# calls) come within seconds; each call adds a forward pass and a copy to the host (10 steps per
+# call cost 4.8% of PGD's time there, BENCHMARKS.md). Elsewhere the whole loop is one call (fast
+# on an accelerator; a Python loop already on JAX's CPU).
+TF_CPU_ATTACK_STEPS_PER_CALL = 20
 
 
 def attack_steps_per_call() -> int | None:
