@@ -72,9 +72,9 @@ def default_attack_batch_size() -> int:
 
 # Steps per compiled attack call for TensorFlow on the CPU: a call of 500 images x 20 steps takes
 # about 3 s on the 2-core CPU, so progress updates and Ctrl-C (which Python sees only between
-# calls) come within seconds; each call adds a forward pass and a copy to the host (10 steps per
-# call cost 4.8% of PGD's time there, BENCHMARKS.md). Elsewhere the whole loop is one call (fast
-# on an accelerator; a Python loop already on JAX's CPU).
+# calls) come within seconds; each call adds a forward pass and a copy to the host: 20 steps per
+# call cost about 2% of PGD's time there, 10 steps 2-4% (BENCHMARKS.md). Elsewhere the whole loop
+# is one call (fast on an accelerator; a Python loop already on JAX's CPU).
 TF_CPU_ATTACK_STEPS_PER_CALL = 20
 
 
