@@ -565,9 +565,11 @@ def reduced_budgets(config: dict[str, Any]) -> list[str]:
     (100 steps, 20 restarts); e.g. ["Square 500 queries of 5000"]."""
     standard = AdaptiveConfig.__dataclass_fields__
     names = {"pgd_steps": "PGD {} steps of {}", "pgd_restarts": "PGD {} restarts of {}",
-             "apgd_iterations": "APGD {} iterations of {}", "square_queries": "Square {} queries of {}"}
+             "apgd_iterations": "APGD {} iterations of {}", "apgd_target_classes": "APGD-T {} target classes of {}",
+             "square_queries": "Square {} queries of {}"}
+    # A config written before a setting existed has no entry for it (reproduce.budget_note says so).
     return [text.format(config[name], standard[name].default) for name, text in names.items()
-            if config[name] < standard[name].default]
+            if name in config and config[name] < standard[name].default]
 
 
 def results_markdown(results: dict[str, Any]) -> str:

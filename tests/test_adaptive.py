@@ -330,4 +330,6 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained, tmp_path):
     assert "Sanity checks" in report
     assert ("**Reduced budgets, not the standard ones** (PGD 2 steps of 100; PGD 1 restarts of 20; APGD 3 iterations "
             "of 100; Square 20 queries of 5000)") in report
+    quick = dataclasses.replace(adaptive.AdaptiveConfig(), apgd_target_classes=3)
+    assert adaptive.reduced_budgets(dataclasses.asdict(quick)) == ["APGD-T 3 target classes of 9"]
     assert adaptive.reduced_budgets(dataclasses.asdict(adaptive.AdaptiveConfig())) == []
