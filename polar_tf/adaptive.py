@@ -563,13 +563,13 @@ def reduced_budgets(config: dict[str, Any]) -> list[str]:
     """How the per-image budgets of `config` (an AdaptiveConfig as a dict) fall short of the
     standard ones: AutoAttack's (APGD 100 iterations, Square 5,000 queries) and the paper's PGD
     (100 steps, 20 restarts); e.g. ["Square 500 queries of 5000"]."""
-    standard = AdaptiveConfig.__dataclass_fields__
+    standard = AdaptiveConfig()
     names = {"pgd_steps": "PGD {} steps of {}", "pgd_restarts": "PGD {} restarts of {}",
              "apgd_iterations": "APGD {} iterations of {}", "apgd_target_classes": "APGD-T {} target classes of {}",
              "square_queries": "Square {} queries of {}"}
     # A config written before a setting existed has no entry for it (reproduce.budget_note says so).
-    return [text.format(config[name], standard[name].default) for name, text in names.items()
-            if name in config and config[name] < standard[name].default]
+    return [text.format(config[name], getattr(standard, name)) for name, text in names.items()
+            if name in config and config[name] < getattr(standard, name)]
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -406,10 +406,10 @@ def certify(model: keras.Model, x: np.ndarray, y: np.ndarray, eps: float, batch_
     layers = check_supported(model)
     source = _source(layers[0])
     bar = progress.bar(f"certify eps={eps:g}: {len(x)} examples", len(x), "example", ("certified",))
-    parts = []
+    parts, certified = [], 0
     for rows in _batches(len(x), batch_size):
         parts.append(_certify_batch(layers, source, x[rows], y[rows], float(eps)))
-        certified = sum(int(p["ibp"].sum()) for p in parts)
+        certified += int(parts[-1]["ibp"].sum())
         bar.update(rows.stop, [("certified", certified / rows.stop)])
     merged = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0) for key in _BATCH_KEYS}
     has_exact = source != "input"
