@@ -15,7 +15,7 @@ cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports be
 from absl import app, flags  # noqa: E402
 
 from polar_tf import training  # noqa: E402
-from polar_tf.config import BACKWARDS, MODELS, Config  # noqa: E402
+from polar_tf.config import BACKWARDS, CLASSIFIER_INITS, MODELS, Config  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -28,6 +28,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("epochs_per_stage", 20, "Epochs per stage (3 stages).")
     flags.DEFINE_integer("batch_size", 64, "Batch size.")
     flags.DEFINE_float("lr", 1e-3, "Adam learning rate (divided by 10 for the last sixth of training).")
+    flags.DEFINE_float("adam_epsilon", 1e-8, "Adam's epsilon (PyTorch's default, as in the original).")
+    flags.DEFINE_enum("classifier_init", "uniform_fan_in", list(CLASSIFIER_INITS),
+                      "Classifier initialisation: PyTorch's default (the original's) or Keras' glorot.")
     flags.DEFINE_float("jump", None, "Saturation jump c (default 0.5 MNIST, 0.2 Fashion-MNIST; 0.2 direct_quant).")
     flags.DEFINE_enum("backward", "identity", list(BACKWARDS), "Gradient of the saturation.")
     flags.DEFINE_float("steepness", 8.0, "Steepness of the smooth backward pass.")
@@ -54,6 +57,8 @@ def main(argv):
             epochs_per_stage=FLAGS.epochs_per_stage,
             batch_size=FLAGS.batch_size,
             lr=FLAGS.lr,
+            adam_epsilon=FLAGS.adam_epsilon,
+            classifier_init=FLAGS.classifier_init,
             seed=FLAGS.seed,
             train_examples=FLAGS.train_examples,
             steps_per_execution=FLAGS.steps_per_execution,

@@ -18,12 +18,20 @@ from typing import Any
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("polarized", "baseline", "direct_quant", "adversarial")
 BACKWARDS = ("identity", "smooth")
+# How the classifier's conv and dense layers are initialised: "uniform_fan_in" is PyTorch's default
+# (weights and biases uniform in +-1/sqrt(fan_in)), which the original implementation kept;
+# "glorot" is Keras' default (Glorot-uniform weights, zero biases).
+CLASSIFIER_INITS = ("uniform_fan_in", "glorot")
 
 # Per-dataset defaults of the paper: the front end's jump c and the attack size eps.
 DEFAULT_JUMP = {"mnist": 0.5, "fashion_mnist": 0.2}
 DEFAULT_EPS = {"mnist": 0.3, "fashion_mnist": 0.1}
 # Direct quantization thresholds the pixels themselves; the reference used 0.2.
 DIRECT_QUANT_JUMP = 0.2
+
+
+# Fields added after runs had been recorded, with the value those earlier runs trained with.
+LEGACY_VALUES = {"adam_epsilon": 1e-7, "classifier_init": "glorot"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +52,12 @@ class Config:
       reg_max_weight: lambda at the end of its ramp in stages 1 and 2.
       epochs_per_stage: epochs in each of the 3 stages (20 in the paper).
       batch_size, lr: Adam's batch size and learning rate.
-      lr_decay_epoch: fraction of the schedule after which lr is divided by 10
-        (50 of 60 epochs in the paper).
+      adam_epsilon: Adam's epsilon (PyTorch's 1e-8, as in the original; Keras' default is 1e-7).
+      classifier_init: "uniform_fan_in" (PyTorch's default, as in the original) or "glorot"
+        (Keras' default) for the classifier's layers; the front end is He-uniform either way.
+      lr_decay_epoch: fraction of the schedule after which lr is divided by 10: epochs after
+        round(lr_decay_epoch * total_epochs) train at lr / 10 (epochs 51-59 of 60, as in the
+        original, which lowered it at the end of epoch 50).
       seed: seeds weights and the per-epoch shuffling.
       train_examples: use only the first N training images (0: all).
       steps_per_execution: train steps per compiled call (a speed knob; same maths).
@@ -73,6 +85,8 @@ class Config:
     epochs_per_stage: int = 20
     batch_size: int = 64
     lr: float = 1e-3
+    adam_epsilon: float = 1e-8
+    classifier_init: str = "uniform_fan_in"
     lr_decay_epoch: float = 50 / 60
     seed: int = 0
     train_examples: int = 0
@@ -87,6 +101,7 @@ class Config:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("model", self.model, MODELS)
         _check_choice("backward", self.backward, BACKWARDS)
+        _check_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
         if self.jump is None:
             default = DIRECT_QUANT_JUMP if self.model == "direct_quant" else DEFAULT_JUMP[self.dataset]
             object.__setattr__(self, "jump", default)
@@ -107,7 +122,7 @@ class Config:
             raise ValueError(
                 f"train_examples must be >= 0 (0 means all). Received: train_examples={self.train_examples}"
             )
-        for name in ("steepness", "sigma1", "sigma2", "lr", "adv_step_size"):
+        for name in ("steepness", "sigma1", "sigma2", "lr", "adam_epsilon", "adv_step_size"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number. Received: {name}={value}")
@@ -137,11 +152,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """The config a config.json records; keys it predates take the value those runs used."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ValueError(f"Unknown config keys: {unknown}")
-        return cls(**values)
+        return cls(**{**LEGACY_VALUES, **values})
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -15,18 +15,34 @@ NUM_CLASSES = 10
 FRONTEND_NAME = "frontend"
 
 
-def _classifier_layers() -> list[keras.layers.Layer]:
-    """The 'standard post front-end CNN' of the paper; it outputs logits."""
+def _init(config: Config, fan_in: int) -> dict[str, keras.initializers.Initializer]:
+    """Initializers of a classifier layer with `fan_in` inputs per unit, as `config` names them.
+
+    "uniform_fan_in" is PyTorch's default for Conv2d and Linear, which the original kept:
+    weights and biases uniform in +-1/sqrt(fan_in) (VarianceScaling's uniform limit is
+    sqrt(3 scale / fan_in)). "glorot" keeps Keras' defaults.
+    """
+    if config.classifier_init == "glorot":
+        return {}
+    limit = 1.0 / np.sqrt(fan_in)
+    return {
+        "kernel_initializer": keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform"),
+        "bias_initializer": keras.initializers.RandomUniform(-limit, limit),
+    }
+
+
+def _classifier_layers(config: Config, channels: int) -> list[keras.layers.Layer]:
+    """The 'standard post front-end CNN' of the paper on `channels` input maps; it outputs logits."""
     return [
-        keras.layers.Conv2D(32, 5, padding="valid", name="conv1"),
+        keras.layers.Conv2D(32, 5, padding="valid", name="conv1", **_init(config, 5 * 5 * channels)),
         keras.layers.MaxPooling2D(2, name="pool1"),
         keras.layers.ReLU(name="relu1"),
-        keras.layers.Conv2D(64, 5, padding="valid", name="conv2"),
+        keras.layers.Conv2D(64, 5, padding="valid", name="conv2", **_init(config, 5 * 5 * 32)),
         keras.layers.MaxPooling2D(2, name="pool2"),
         keras.layers.ReLU(name="relu2"),
         keras.layers.Flatten(name="flatten"),
-        keras.layers.Dense(100, activation="relu", name="dense1"),
-        keras.layers.Dense(NUM_CLASSES, name="logits"),
+        keras.layers.Dense(100, activation="relu", name="dense1", **_init(config, 4 * 4 * 64)),
+        keras.layers.Dense(NUM_CLASSES, name="logits", **_init(config, 100)),
     ]
 
 
@@ -58,7 +74,7 @@ def build_model(config: Config) -> keras.Model:
         )(x)
     elif config.model == "direct_quant":
         x = Saturation(config.jump, config.backward, config.steepness, name="quantize")(x)
-    for layer in _classifier_layers():
+    for layer in _classifier_layers(config, x.shape[-1]):
         x = layer(x)
     return keras.Model(inputs, x, name=config.model)
 

@@ -17,6 +17,7 @@ from polar_tf.frontend import PolarizingFrontEnd, barrier_b1, barrier_b2
 from polar_tf.models import frontend_outputs, get_frontend
 
 HISTOGRAM_BINS = 200
+MONITOR_EXAMPLES = 1000  # the fixed first training images the front end's statistics are measured on
 
 
 def frontend_stats(layer: PolarizingFrontEnd, z: np.ndarray, eps: float) -> dict[str, float]:
@@ -26,6 +27,27 @@ def frontend_stats(layer: PolarizingFrontEnd, z: np.ndarray, eps: float) -> dict
         "b1_mean": float(np.mean(keras.ops.convert_to_numpy(barrier_b1(z, layer.sigma1)))),
         "b2_mean": float(np.mean(keras.ops.convert_to_numpy(barrier_b2(z, layer.jump, layer.sigma2)))),
         "frac_within_eps_of_jump": float(np.mean(np.abs(np.abs(z) - layer.jump) <= eps)),
+    }
+
+
+def filter_stats(kernel: np.ndarray) -> dict[str, Any]:
+    """What the front end's filters have learned, from its raw kernel [k, k, 1, K].
+
+    A filter's concentration is the share of its L1 norm in its largest-magnitude weight: 1/k^2
+    for a uniform filter, 1 for a single pixel. The original's Fashion-MNIST filters end near 0.7-0.8.
+
+    Returns:
+      filter_concentration (the median over filters), filter_concentrations (per filter) and
+      filter_l1_mean (the filters' mean L1 norm, which the normalization makes irrelevant to z
+      but which sets how far an Adam step turns a filter).
+    """
+    weights = np.abs(np.asarray(kernel, dtype=np.float64)).reshape(-1, kernel.shape[-1])
+    l1 = weights.sum(axis=0)
+    concentration = weights.max(axis=0) / l1
+    return {
+        "filter_concentration": float(np.median(concentration)),
+        "filter_concentrations": [float(c) for c in concentration],
+        "filter_l1_mean": float(np.mean(l1)),
     }
 
 

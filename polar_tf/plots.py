@@ -46,7 +46,7 @@ def plot_filters(kernel: np.ndarray, path: str, title: str = "") -> Figure:
             image = ax.imshow(kernel[:, :, 0, i], cmap=DIVERGING, vmin=-scale, vmax=scale)
     fig.colorbar(image, ax=axes, shrink=0.6)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_histogram(counts: np.ndarray, edges: np.ndarray, jump: float, path: str, title: str = "") -> Figure:
@@ -61,10 +61,10 @@ def plot_histogram(counts: np.ndarray, edges: np.ndarray, jump: float, path: str
     ax.set_yscale("log")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # Outside: peaks can be anywhere.
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig: Figure, path: str) -> Figure:
+def save_figure(fig: Figure, path: str) -> Figure:
     """Writes the PNG and closes the figure; returns it so that tests can inspect its artists."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -120,7 +120,7 @@ def plot_accuracy_vs_eps(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # Outside: it hides no curve.
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _twin_label(model: str, name: str, of_model: str, of_name: str) -> str:
@@ -172,7 +172,7 @@ def plot_adversarial_examples(
     for ax, header in zip(axes[0], headers):
         ax.set_title(header, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_frontend_maps(image: np.ndarray, maps: np.ndarray, path: str, title: str = "") -> Figure:
@@ -191,4 +191,4 @@ def plot_frontend_maps(image: np.ndarray, maps: np.ndarray, path: str, title: st
         axes[row, col + 1].set_title(str(k), fontsize=7)
     fig.colorbar(shown, ax=axes[:, 1:], shrink=0.6)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

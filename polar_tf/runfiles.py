@@ -5,6 +5,7 @@ A workdir holds
   metrics.jsonl         one JSON line per epoch
   stage{1,2,3}.keras    the polarized model after each stage (model.keras for one-stage models)
   checkpoints/          model + optimizer after the latest epoch (epoch_NNNN.keras), for resuming
+  filters/              the front end's raw kernel after N epochs (after_NNNN_epochs.npy, N = 0 first)
   tb/                   TensorBoard events
   plots/                PNG figures written at the end of each stage
 """
@@ -19,9 +20,13 @@ import zipfile
 from typing import Any, Callable
 
 import keras
+import numpy as np
 
 from polar_tf import frontend  # noqa: F401  (registers the custom layers for loading)
 from polar_tf.config import Config
+
+
+_FILTERS_FILE = re.compile(r"after_(\d{4})_epochs\.npy")
 
 
 class CheckpointError(ValueError):
@@ -49,6 +54,30 @@ def save_epoch_checkpoint(model: keras.Model, workdir: str, epoch: int) -> str:
         if _EPOCH_FILE.fullmatch(name) and name != os.path.basename(path):
             os.remove(os.path.join(folder, name))
     return path
+
+
+def save_filters(workdir: str, epochs_completed: int, kernel: np.ndarray) -> str:
+    """Saves the front end's kernel after `epochs_completed` epochs (0: as initialised)."""
+    path = os.path.join(workdir, "filters", f"after_{epochs_completed:04d}_epochs.npy")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(kernel, dtype=np.float32))
+
+    _atomic_write(path, write)
+    return path
+
+
+def load_filters(workdir: str) -> dict[int, np.ndarray]:
+    """{epochs completed: kernel} of every kernel `save_filters` wrote in workdir."""
+    folder = os.path.join(workdir, "filters")
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        if match := _FILTERS_FILE.fullmatch(name):
+            found[int(match.group(1))] = np.load(os.path.join(folder, name))
+    return found
 
 
 def latest_epoch_checkpoint(workdir: str) -> tuple[int, str] | None:

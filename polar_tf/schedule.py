@@ -4,8 +4,9 @@ With E = epochs_per_stage (20 in the paper), for the polarized model:
   stage 1, epochs [0, E):   no saturation, regularizer B1, lambda = w * epoch / E
   stage 2, epochs [E, 2E):  no saturation, regularizer B2, lambda = w * (epoch - E) / E
   stage 3, epochs [2E, 3E): saturation on, no regularizer, front end frozen
-Every model trains 3E epochs with Adam; lr is divided by 10 from epoch round(lr_decay_epoch * 3E)
-on (epoch 50 of 60 in the paper). The baseline and direct-quantization models have one stage.
+Every model trains 3E epochs with Adam; lr is divided by 10 for the epochs after epoch
+round(lr_decay_epoch * 3E) (epochs 51-59 of 60, as in the original). The baseline and
+direct-quantization models have one stage.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def stage_epochs(config: Config, stage: int) -> range:
 
 
 def lr_at(config: Config, epoch: int) -> float:
-    decay_from = round(config.lr_decay_epoch * config.total_epochs)
-    return config.lr * (0.1 if epoch >= decay_from else 1.0)
+    last_full_rate = round(config.lr_decay_epoch * config.total_epochs)
+    return config.lr * (0.1 if epoch > last_full_rate else 1.0)
 
 
 def phase(config: Config, epoch: int) -> Phase:

@@ -19,7 +19,6 @@ from absl import logging
 from polar_tf import attacks, data, models, monitoring, plots, runfiles, schedule
 from polar_tf.config import Config
 
-MONITOR_EXAMPLES = 1000  # the fixed batch of training images whose z TensorBoard shows
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
 FIT_ACCURACY = "fit_accuracy"  # Keras' accuracy metric, as its progress bar and metrics.jsonl name it
 
@@ -41,7 +40,7 @@ def _optimizer(model: keras.Model, config: Config, previous: keras.optimizers.Op
     This is how a layer is frozen between stages on both backends: Keras' optimizers cannot
     drop a variable once built, and Adam keeps moving a variable with zero gradient.
     """
-    optimizer = keras.optimizers.Adam(learning_rate=config.lr)
+    optimizer = keras.optimizers.Adam(learning_rate=config.lr, epsilon=config.adam_epsilon)
     optimizer.build(model.trainable_variables)
     if previous is not None:
         old = {v.name: v for v in previous.variables}
@@ -199,11 +198,13 @@ def _epoch_report(model, config: Config, record: dict, train, test, tensorboard)
     record["test_accuracy"] = models.accuracy(model, x_test, y_test)
     histograms, images = {}, {}
     if models.get_frontend(model) is not None:
-        z = np.concatenate(list(models.frontend_outputs(model, x_train[:MONITOR_EXAMPLES])))
+        z = np.concatenate(list(models.frontend_outputs(model, x_train[: monitoring.MONITOR_EXAMPLES])))
         stats = monitoring.frontend_stats(models.get_frontend(model), z, config.eps)
         b_mean = {"b1": stats["b1_mean"], "b2": stats["b2_mean"]}.get(record["regularizer"], 0.0)
-        record.update(stats, reg_loss=record["reg_weight"] * b_mean)
+        filters = monitoring.filter_stats(keras.ops.convert_to_numpy(models.get_frontend(model).kernel))
+        record.update(stats, **filters, reg_loss=record["reg_weight"] * b_mean)
         histograms["frontend/z"] = z.ravel()
+        histograms["frontend/filter_concentrations"] = np.asarray(filters["filter_concentrations"])
         images = monitoring.frontend_images(model)
     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
     tensorboard.write(record["epoch"], scalars, histograms, images)
@@ -316,6 +317,8 @@ def train_and_evaluate(
                 continue
             if model is None:
                 model = prepare_stage(config, workdir, s)
+                if s == 1 and (frontend := models.get_frontend(model)) is not None:
+                    runfiles.save_filters(workdir, 0, keras.ops.convert_to_numpy(frontend.kernel))
             else:
                 logging.info("Resuming stage %d at epoch %d", s, first)
             metrics.truncate_from(first)
@@ -324,6 +327,8 @@ def train_and_evaluate(
                 record = _epoch_report(model, config, record, train, test, tensorboard)
                 metrics.append(record)
                 runfiles.save_epoch_checkpoint(model, workdir, epoch)
+                if (frontend := models.get_frontend(model)) is not None:
+                    runfiles.save_filters(workdir, epoch + 1, keras.ops.convert_to_numpy(frontend.kernel))
                 logging.info("%s", epoch_summary(config, record, models.get_frontend(model) is not None))
             runfiles.save_model(model, runfiles.checkpoint_path(workdir, config, s))
             _stage_plots(model, config, workdir, s, train[0])

@@ -30,6 +30,8 @@ def test_json_round_trip():
         ({"lr": 0.0}, "Received: lr=0.0"),
         ({"train_examples": -1}, "Received: train_examples=-1"),
         ({"backward": "relu"}, "Received: backward='relu'"),
+        ({"classifier_init": "he"}, "Received: classifier_init='he'"),
+        ({"adam_epsilon": 0.0}, "Received: adam_epsilon=0.0"),
     ],
 )
 def test_bad_values_raise(kwargs, message):
@@ -40,3 +42,11 @@ def test_bad_values_raise(kwargs, message):
 def test_unknown_keys_rejected():
     with pytest.raises(ValueError, match="Unknown config keys"):
         Config.from_dict({"dataset": "mnist", "learning_rate": 1.0})
+
+
+def test_defaults_follow_the_original_and_older_records_keep_what_they_trained_with():
+    assert (Config().classifier_init, Config().adam_epsilon) == ("uniform_fan_in", 1e-8)
+    recorded = Config(dataset="fashion_mnist").to_dict()
+    del recorded["classifier_init"], recorded["adam_epsilon"]  # A config.json written before they existed.
+    older = Config.from_dict(recorded)
+    assert (older.classifier_init, older.adam_epsilon) == ("glorot", 1e-7)

@@ -36,6 +36,29 @@ def test_front_end_init_is_he_uniform():
     assert kernel.std() == pytest.approx(limit / np.sqrt(3), rel=0.1)
 
 
+@pytest.mark.parametrize("name, conv1_fan_in", [("polarized", 5 * 5 * 25), ("baseline", 5 * 5 * 1)])
+def test_classifier_init_is_pytorchs_default_or_keras(name, conv1_fan_in):
+    """uniform_fan_in: weights and biases uniform in +-1/sqrt(fan_in) (PyTorch's Conv2d/Linear
+    default, which the original kept); glorot: Keras' defaults, zero biases."""
+    keras.utils.set_random_seed(0)
+    model = models.build_model(Config(model=name))
+    for layer, fan_in in (("conv1", conv1_fan_in), ("conv2", 5 * 5 * 32), ("dense1", 1024), ("logits", 100)):
+        kernel = ops.convert_to_numpy(model.get_layer(layer).kernel)
+        bias = ops.convert_to_numpy(model.get_layer(layer).bias)
+        limit = 1 / np.sqrt(fan_in)
+        for values in (kernel, bias):
+            assert np.abs(values).max() <= limit
+        # The largest of n uniform draws falls short of the limit by about limit / n.
+        assert np.abs(kernel).max() > limit * (1 - 20 / kernel.size)
+        # The standard deviation of a uniform on +-limit is limit / sqrt(3); within 4 standard
+        # errors of the sample's (relative standard error of a std: ~sqrt(0.8 / (4 n)) for it).
+        assert kernel.std() == pytest.approx(limit / np.sqrt(3), rel=4 * np.sqrt(0.2 / kernel.size))
+        assert np.count_nonzero(bias) == bias.size
+    glorot = models.build_model(Config(model=name, classifier_init="glorot"))
+    kernel = ops.convert_to_numpy(glorot.get_layer("dense1").kernel)
+    assert np.abs(kernel).max() <= np.sqrt(6 / (1024 + 100)) and not np.any(ops.convert_to_numpy(glorot.get_layer("dense1").bias))
+
+
 def test_frontend_outputs_are_the_layers_normalized_outputs():
     keras.utils.set_random_seed(1)
     model = models.build_model(Config())
@@ -55,7 +78,8 @@ def test_frontend_outputs_are_the_layers_normalized_outputs():
 
 def test_accuracy_always_uses_the_saturated_model():
     keras.utils.set_random_seed(2)
-    model = models.build_model(Config())
+    # Keras' init: untrained, PyTorch's small weights and uniform biases predict one class for all.
+    model = models.build_model(Config(classifier_init="glorot"))
     frontend = models.get_frontend(model)
     x = np.random.default_rng(0).random((80, 28, 28, 1), dtype=np.float32)
     # Only images whose saturated prediction no float rounding can change (no output the decision

@@ -15,7 +15,8 @@ from polar_tf.config import Config
         (39, 2, "b2", 0.95, False, True, 1e-3),
         (40, 3, "none", 0.0, True, False, 1e-3),
         (49, 3, "none", 0.0, True, False, 1e-3),
-        (50, 3, "none", 0.0, True, False, 1e-4),
+        (50, 3, "none", 0.0, True, False, 1e-3),  # The original lowered lr at the end of epoch 50.
+        (51, 3, "none", 0.0, True, False, 1e-4),
         (59, 3, "none", 0.0, True, False, 1e-4),
     ],
 )
@@ -36,7 +37,9 @@ def test_stage_epochs_cover_the_schedule():
     short = Config(epochs_per_stage=2)
     assert list(schedule.stage_epochs(short, 3)) == [4, 5]
     assert schedule.phase(short, 1).reg_weight == 0.5
-    assert [schedule.phase(short, e).lr for e in range(6)] == [1e-3] * 5 + [pytest.approx(1e-4)]
+    assert [schedule.phase(short, e).lr for e in range(6)] == [1e-3] * 6  # Epochs after round(5/6 * 6) = 5: none.
+    reduced = Config(epochs_per_stage=10)
+    assert [schedule.phase(reduced, e).lr for e in range(24, 30)] == [1e-3] * 2 + [pytest.approx(1e-4)] * 4
 
 
 def test_one_stage_models_train_all_epochs_without_regularizer():
@@ -44,7 +47,7 @@ def test_one_stage_models_train_all_epochs_without_regularizer():
     assert list(schedule.stage_epochs(config, 1)) == list(range(60))
     phases = [schedule.phase(config, e) for e in range(60)]
     assert {(p.stage, p.regularizer, p.reg_weight, p.saturate) for p in phases} == {(1, "none", 0.0, False)}
-    assert [p.lr for p in phases].count(1e-3) == 50
+    assert [p.lr for p in phases].count(1e-3) == 51
     with pytest.raises(ValueError, match="Received: stage=2"):
         schedule.stage_epochs(config, 2)
 

@@ -45,6 +45,13 @@ def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
     for r in records:
         assert {"loss", "reg_loss", "train_accuracy", "test_accuracy", "b1_mean", "b2_mean"} <= set(r)
         assert 0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["loss"])
+        assert 0.04 <= r["filter_concentration"] <= 1.0 and len(r["filter_concentrations"]) == 25
+    # The front end's kernel as initialised and after every epoch; frozen in stage 3.
+    kernels = runfiles.load_filters(smoke_run)
+    assert sorted(kernels) == [0, 1, 2, 3]
+    stage3 = runfiles.load_model(os.path.join(smoke_run, "stage3.keras"))
+    np.testing.assert_array_equal(kernels[3], ops.convert_to_numpy(models.get_frontend(stage3).kernel))
+    assert not np.array_equal(kernels[0], kernels[1])
     for stage in (1, 2, 3):
         for kind in ("filters", "histogram"):
             path = os.path.join(smoke_run, "plots", f"stage{stage}_{kind}.png")

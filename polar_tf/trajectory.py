@@ -1,0 +1,243 @@
+r"""How the front end learns, epoch by epoch, beside the original implementation's trajectory.
+
+  python -m polar_tf.trajectory --workdir=runs/fashion_mnist_polarized \
+      --reference_dir=../shared/reference_trajectory
+  python -m polar_tf.trajectory --workdir=runs/a,runs/b --output_dir=results/front_end  # runs side by side
+
+Reads the kernels train.py saves after every epoch (workdir/filters/) and, when given, the
+original's published files (filter_save/ and hist_save/ every 5 epochs of their 60-epoch "second
+run": MNIST c = 0.5, Fashion-MNIST c = 0.3). Writes into --output_dir (default workdir/plots):
+  trajectory.png          filter concentration and near-jump fraction against epochs completed
+  trajectory_filters.png  the 25 filters at the reference's epochs, a row per run, theirs last
+  trajectory.md           per run its settings and those figures after 10, 20, 30, 40 epochs
+  trajectory.json         the series drawn
+
+Epochs are counted as epochs completed: the reference's file "epoch e" was saved at the start of
+epoch e, so it sits at e, as does our kernel after e epochs (0 = as initialised). Our near-jump
+fraction is measured on the first --examples training images; the reference's is read from its
+histogram over all 60,000 (100 bins on [-1, 1], mass spread evenly within a bin).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from polar_tf import cli
+
+if __name__ == "__main__":
+    cli.quiet_startup()  # Before the imports below load Keras and TensorFlow, which logs while it loads.
+
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from polar_tf import data, monitoring, plots, runfiles  # noqa: E402
+from polar_tf.config import Config  # noqa: E402
+from polar_tf.frontend import PolarizingFrontEnd  # noqa: E402
+
+# The jump of the original's published trajectory (their "second run"), per dataset.
+REFERENCE_JUMP = {"mnist": 0.5, "fashion_mnist": 0.3}
+_REFERENCE_NAME = {"mnist": "mnist", "fashion_mnist": "fashion"}
+_REFERENCE_FILE = re.compile(r"(mnist|fashion)_(\d+)\.npz")
+
+
+def reference_trajectory(folder: str, dataset: str) -> dict[int, dict[str, np.ndarray]]:
+    """{epoch: {"kernel": [5, 5, 1, 25] (our layout), "hist": [100] counts}} of the original's
+    files for `dataset`; epochs with only one of the two files are left out."""
+    found: dict[int, dict[str, np.ndarray]] = {}
+    for kind, key in (("filter_save", "filters"), ("hist_save", "hist")):
+        subfolder = os.path.join(folder, kind)
+        if not os.path.isdir(subfolder):
+            raise FileNotFoundError(f"{subfolder} does not exist: --reference_dir must hold filter_save/ and hist_save/")
+        for name in os.listdir(subfolder):
+            match = _REFERENCE_FILE.fullmatch(name)
+            if match and match.group(1) == _REFERENCE_NAME[dataset]:
+                with np.load(os.path.join(subfolder, name)) as npz:
+                    value = npz[key]
+                # PyTorch's [filter, channel, row, column] -> Keras' [row, column, channel, filter].
+                entry = found.setdefault(int(match.group(2)), {})
+                entry["kernel" if key == "filters" else "hist"] = value.transpose(2, 3, 1, 0) if key == "filters" else value
+    return {epoch: entry for epoch, entry in sorted(found.items()) if len(entry) == 2}
+
+
+def histogram_fraction_near_jump(counts: np.ndarray, jump: float, eps: float) -> float:
+    """The fraction of a histogram's mass (equal bins on [-1, 1]) with ||z| - jump| <= eps,
+    counting each bin in proportion to its overlap with the two intervals."""
+    edges = np.linspace(-1.0, 1.0, len(counts) + 1)
+    lo, hi = edges[:-1], edges[1:]
+    inside = np.zeros(len(counts))
+    for a, b in ((jump - eps, jump + eps), (-jump - eps, -jump + eps)):
+        inside += np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0.0, None) / (hi - lo)
+    counts = np.asarray(counts, dtype=np.float64)
+    return float(np.sum(counts * np.minimum(inside, 1.0)) / np.sum(counts))
+
+
+def near_jump_fraction(kernel: np.ndarray, x: np.ndarray, jump: float, eps: float) -> float:
+    """The fraction of the front end's outputs on `x` within eps of a jump, for `kernel`."""
+    layer = PolarizingFrontEnd(filters=kernel.shape[-1], kernel_size=kernel.shape[0], jump=jump)
+    layer.build(x.shape)
+    layer.kernel.assign(kernel)
+    z = keras.ops.convert_to_numpy(layer.normalized(x))
+    return monitoring.frontend_stats(layer, z, eps)["frac_within_eps_of_jump"]
+
+
+def our_trajectory(workdir: str, x: np.ndarray, config: Config) -> dict[int, dict[str, float]]:
+    """{epochs completed: concentration, mean L1, near-jump fraction} from workdir/filters/."""
+    kernels = runfiles.load_filters(workdir)
+    if not kernels:
+        raise FileNotFoundError(f"{workdir} has no filters/ (train.py saves them after every epoch of a polarized model)")
+    return {
+        epoch: {**_filter_summary(kernel), "near_jump_fraction": near_jump_fraction(kernel, x, config.jump, config.eps)}
+        for epoch, kernel in kernels.items()
+    }
+
+
+def _filter_summary(kernel: np.ndarray) -> dict[str, float]:
+    stats = monitoring.filter_stats(kernel)
+    return {"filter_concentration": stats["filter_concentration"], "filter_l1_mean": stats["filter_l1_mean"]}
+
+
+def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir: str, data_dir: str | None = None,
+                     examples: int = monitoring.MONITOR_EXAMPLES) -> dict:
+    """Computes the trajectories of one or more runs (of one dataset) and of the reference;
+    writes trajectory.{png,json,md} and trajectory_filters.png into output_dir."""
+    configs = [runfiles.read_config(w) for w in workdirs]
+    if len({(c.dataset, c.eps) for c in configs}) > 1:
+        raise ValueError(f"the runs must share a dataset and eps. Received: {[(c.dataset, c.eps) for c in configs]}")
+    config = configs[0]
+    x = data.load(config.dataset, "train", data_dir)[0][:examples]
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(set(names)) < len(names):
+        names = list(workdirs)
+    runs = []
+    for name, workdir, run_config in zip(names, workdirs, configs):
+        records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+        runs.append({
+            "name": name,
+            "workdir": workdir,
+            "config": {key: getattr(run_config, key) for key in RUN_SETTINGS},
+            "test_accuracy": records[-1]["test_accuracy"] if records else None,
+            "by_epoch": our_trajectory(workdir, x, run_config),
+        })
+    reference = {}
+    if reference_dir:
+        jump = REFERENCE_JUMP[config.dataset]
+        reference = {
+            epoch: {**_filter_summary(entry["kernel"]),
+                    "near_jump_fraction": histogram_fraction_near_jump(entry["hist"], jump, config.eps)}
+            for epoch, entry in reference_trajectory(reference_dir, config.dataset).items()
+        }
+    result = {
+        "dataset": config.dataset,
+        "eps": config.eps,
+        "examples": len(x),
+        "runs": runs,
+        "reference": {"jump": REFERENCE_JUMP[config.dataset], "by_epoch": reference} if reference else None,
+    }
+    runfiles.write_json(os.path.join(output_dir, "trajectory.json"), result)
+    runfiles.write_text(os.path.join(output_dir, "trajectory.md"), trajectory_table(result))
+    _plot_series(result, os.path.join(output_dir, "trajectory.png"))
+    kernels = {run["name"]: runfiles.load_filters(run["workdir"]) for run in runs}
+    last = max(max(k) for k in kernels.values())
+    epochs = [e for e in (sorted(reference) if reference else range(0, last + 1, 5)) if e <= last]
+    if reference:
+        kernels["original"] = {e: v["kernel"] for e, v in reference_trajectory(reference_dir, config.dataset).items()}
+    _plot_filters(epochs, kernels, os.path.join(output_dir, "trajectory_filters.png"), config.dataset)
+    return result
+
+
+# The settings a trajectory table names for each run.
+RUN_SETTINGS = ("jump", "classifier_init", "adam_epsilon", "seed", "epochs_per_stage")
+TABLE_EPOCHS = (10, 20, 30, 40)
+
+
+def trajectory_table(result: dict) -> str:
+    """Markdown: per run, its settings, the filter concentration and near-jump fraction after
+    TABLE_EPOCHS epochs and at its last, and its saturated test accuracy."""
+    def at(series: dict, epoch: int, key: str) -> str:
+        return f"{series[epoch][key]:.2f}" if epoch in series else "-"
+
+    columns = [*RUN_SETTINGS, *(f"concentration after {e}" for e in TABLE_EPOCHS), "concentration at last",
+               *(f"near a jump after {e}" for e in TABLE_EPOCHS[1:]), "epochs", "test accuracy (saturated)"]
+    lines = [f"Front end of {result['dataset']} runs (eps = {result['eps']:g}; near a jump: ||z| - c| <= eps, ours on "
+             f"the first {result['examples']} training images, the original's from its histogram over all 60,000).",
+             "", "| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [(run["name"], run["config"], run["by_epoch"], run["test_accuracy"]) for run in result["runs"]]
+    if result["reference"]:
+        rows.append(("original (published trajectory)", {"jump": result["reference"]["jump"]},
+                     result["reference"]["by_epoch"], None))
+    for name, settings, series, accuracy in rows:
+        series = {int(e): v for e, v in series.items()}
+        cells = [str(settings.get(key, "-")) for key in RUN_SETTINGS]
+        cells += [at(series, e, "filter_concentration") for e in TABLE_EPOCHS]
+        cells += [at(series, max(series), "filter_concentration")]
+        cells += [at(series, e, "near_jump_fraction") for e in TABLE_EPOCHS[1:]]
+        cells += [str(max(series)), "-" if accuracy is None else f"{100 * accuracy:.1f}%"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_series(result: dict, path: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    series = [(f"{run['name']} (c = {run['config']['jump']:g})", run["by_epoch"]) for run in result["runs"]]
+    if result["reference"]:
+        series.append((f"original (c = {result['reference']['jump']:g})", result["reference"]["by_epoch"]))
+    for ax, key, label in ((axes[0], "filter_concentration", "filter concentration (median over filters)"),
+                           (axes[1], "near_jump_fraction", f"outputs within eps = {result['eps']:g} of a jump")):
+        for (name, by_epoch), marker in zip(series, plots.MARKERS):
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [by_epoch[e][key] for e in epochs], marker=marker, fillstyle="none", markersize=4, label=name)
+        ax.set_xlabel("epochs completed")
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{result['dataset']}: the front end during training")
+    plots.save_figure(fig, path)
+
+
+def _plot_filters(epochs: list[int], kernels: dict[str, dict[int, np.ndarray]], path: str, dataset: str) -> None:
+    fig, axes = plt.subplots(len(kernels), len(epochs), figsize=(1.6 * len(epochs), 1.8 * len(kernels)), squeeze=False)
+    for r, (name, by_epoch) in enumerate(kernels.items()):
+        for c, epoch in enumerate(epochs):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if epoch in by_epoch:
+                ax.imshow(plots.filters_grid(by_epoch[epoch]))
+            if r == len(kernels) - 1:
+                ax.set_xlabel(f"{epoch} epochs", fontsize=8)
+        axes[r][0].set_ylabel(name, fontsize=7)
+    fig.suptitle(f"{dataset}: front-end filters (each grid on its own scale)")
+    plots.save_figure(fig, path)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+
+    def body():
+        if len(f.workdir) > 1 and not f.output_dir:
+            raise ValueError("--output_dir is needed with several --workdir")
+        output_dir = f.output_dir or os.path.join(f.workdir[0], "plots")
+        result = write_trajectory(f.workdir, f.reference_dir, output_dir, f.data_dir, f.examples)
+        named = [(run["name"], run["by_epoch"]) for run in result["runs"]]
+        if result["reference"]:
+            named.append(("original", result["reference"]["by_epoch"]))
+        for name, series in named:
+            line = ", ".join(f"{e}: {series[e]['filter_concentration']:.2f}" for e in sorted(series))
+            print(f"{name}: filter concentration after N epochs: {line}")
+        print(f"Wrote trajectory.png, trajectory.md, trajectory.json and trajectory_filters.png in {output_dir}")
+
+    cli.run_main("polar_tf.trajectory", body)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_list("workdir", None, "Polarized models' run folders (train.py's --workdir), comma-separated.",
+                      required=True)
+    flags.DEFINE_string("reference_dir", None,
+                        "The original's trajectory (filter_save/, hist_save/), e.g. ../shared/reference_trajectory.")
+    flags.DEFINE_string("output_dir", None, "Where to write (default: <workdir>/plots).")
+    flags.DEFINE_string("data_dir", None, "Folder of IDX files (default: $POLAR_TF_DATA_DIR, then tfds).")
+    flags.DEFINE_integer("examples", monitoring.MONITOR_EXAMPLES, "Training images our near-jump fraction is measured on.")
+    app.run(main, flags_parser=cli.flags_parser("polar_tf.trajectory"))
