@@ -33,8 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import data, monitoring, plots, runfiles  # noqa: E402
-from polar_tf.config import Config  # noqa: E402
+from polar_tf import data, models, monitoring, plots, runfiles  # noqa: E402
+from polar_tf.config import CLASSIFIER_INITS, Config  # noqa: E402
 from polar_tf.frontend import PolarizingFrontEnd  # noqa: E402
 
 # The jump of the original's published trajectory (their "second run"), per dataset.
@@ -94,20 +94,54 @@ def our_trajectory(workdir: str, x: np.ndarray, config: Config) -> dict[int, dic
     }
 
 
+def initial_gradient_balance(config: Config, x: np.ndarray, y: np.ndarray, batches: int = 10) -> dict[str, float]:
+    """How strongly the cross-entropy and the B1 barrier pull on the front end at initialisation.
+
+    For `config`'s model as initialised (its seed and classifier_init), the root mean square over
+    the front-end kernel's weights and `batches` batches of the gradient of the cross-entropy and
+    of mean B1 (the stage-1 term, lambda = 1). Adam steps each weight by about lr whatever the
+    gradient's scale, so their ratio decides which of the two moves the filters. Measured with
+    Keras' own train step: one SGD step of learning rate 1 moves the weights by minus the
+    gradient, and B1's is the difference of the steps with lambda = 1 and 0 from the same weights.
+    """
+    keras.utils.set_random_seed(config.seed)
+    model = models.build_model(config)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    frontend = models.get_frontend(model)
+    start = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    kernel = keras.ops.convert_to_numpy(frontend.kernel)
+    ce, b1 = [], []
+    for first in range(0, batches * config.batch_size, config.batch_size):
+        steps = []
+        for weight in (0.0, 1.0):
+            for variable, value in zip(model.trainable_variables, start):
+                variable.assign(value)
+            frontend.set_regularizer("b1", weight)
+            model.train_on_batch(x[first : first + config.batch_size], y[first : first + config.batch_size])
+            steps.append(kernel - keras.ops.convert_to_numpy(frontend.kernel))
+        ce.append(steps[0])
+        b1.append(steps[1] - steps[0])
+    ce_rms, b1_rms = (float(np.sqrt(np.mean(np.square(g)))) for g in (ce, b1))
+    return {"cross_entropy_rms": ce_rms, "b1_rms": b1_rms, "ratio": ce_rms / b1_rms}
+
+
 def _filter_summary(kernel: np.ndarray) -> dict[str, float]:
     stats = monitoring.filter_stats(kernel)
     return {"filter_concentration": stats["filter_concentration"], "filter_l1_mean": stats["filter_l1_mean"]}
 
 
 def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir: str, data_dir: str | None = None,
-                     examples: int = monitoring.MONITOR_EXAMPLES) -> dict:
+                     examples: int = monitoring.MONITOR_EXAMPLES, gradient_batches: int = 0) -> dict:
     """Computes the trajectories of one or more runs (of one dataset) and of the reference;
-    writes trajectory.{png,json,md} and trajectory_filters.png into output_dir."""
+    writes trajectory.{png,json,md} and trajectory_filters.png into output_dir. With
+    `gradient_batches`, also `initial_gradient_balance` of the first run's config under each
+    classifier init."""
     configs = [runfiles.read_config(w) for w in workdirs]
     if len({(c.dataset, c.eps) for c in configs}) > 1:
         raise ValueError(f"the runs must share a dataset and eps. Received: {[(c.dataset, c.eps) for c in configs]}")
     config = configs[0]
-    x = data.load(config.dataset, "train", data_dir)[0][:examples]
+    x, y = (values[:examples] for values in data.load(config.dataset, "train", data_dir))
     names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
     if len(set(names)) < len(names):
         names = list(workdirs)
@@ -135,6 +169,10 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
         "examples": len(x),
         "runs": runs,
         "reference": {"jump": REFERENCE_JUMP[config.dataset], "by_epoch": reference} if reference else None,
+        "initial_gradients": {
+            init: initial_gradient_balance(config.replace(classifier_init=init), x, y, gradient_batches)
+            for init in CLASSIFIER_INITS
+        } if gradient_batches else None,
     }
     runfiles.write_json(os.path.join(output_dir, "trajectory.json"), result)
     runfiles.write_text(os.path.join(output_dir, "trajectory.md"), trajectory_table(result))
@@ -176,6 +214,12 @@ def trajectory_table(result: dict) -> str:
         cells += [at(series, e, "near_jump_fraction") for e in TABLE_EPOCHS[1:]]
         cells += [str(max(series)), "-" if accuracy is None else f"{100 * accuracy:.1f}%"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("initial_gradients"):
+        lines += ["", f"At initialisation (seed of {result['runs'][0]['name']}), the gradient on the front-end kernel, "
+                  "root mean square over its weights and batches of 64:", "",
+                  "| classifier init | cross-entropy | mean B1 | ratio |", "|---|---|---|---|"]
+        for init, g in result["initial_gradients"].items():
+            lines.append(f"| {init} | {g['cross_entropy_rms']:.2e} | {g['b1_rms']:.2e} | {g['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,7 +264,7 @@ def main(argv):
         if len(f.workdir) > 1 and not f.output_dir:
             raise ValueError("--output_dir is needed with several --workdir")
         output_dir = f.output_dir or os.path.join(f.workdir[0], "plots")
-        result = write_trajectory(f.workdir, f.reference_dir, output_dir, f.data_dir, f.examples)
+        result = write_trajectory(f.workdir, f.reference_dir, output_dir, f.data_dir, f.examples, f.gradient_batches)
         named = [(run["name"], run["by_epoch"]) for run in result["runs"]]
         if result["reference"]:
             named.append(("original", result["reference"]["by_epoch"]))
@@ -240,4 +284,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("output_dir", None, "Where to write (default: <workdir>/plots).")
     flags.DEFINE_string("data_dir", None, "Folder of IDX files (default: $POLAR_TF_DATA_DIR, then tfds).")
     flags.DEFINE_integer("examples", monitoring.MONITOR_EXAMPLES, "Training images our near-jump fraction is measured on.")
+    flags.DEFINE_integer("gradient_batches", 0,
+                         "Also measure the initial pull of cross-entropy and B1 on the front end over this many batches.")
     app.run(main, flags_parser=cli.flags_parser("polar_tf.trajectory"))

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -112,3 +113,35 @@ def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
     assert missing.stderr.strip().splitlines()[-1] == (
         f"polar_tf.trajectory: error: {tmp_path}/config.json does not exist: not a polar_tf workdir"
     )
+
+
+def test_initial_gradient_balance_is_the_gradient(mnist):
+    """The SGD-step measurement equals the gradients a tape computes, and B1's pull does not
+    depend on the classifier's init (the front end is drawn first from the same seed)."""
+    (x, y), _ = mnist
+    x, y = x[:128], y[:128]
+    balance = {init: trajectory.initial_gradient_balance(Config(classifier_init=init), x, y, batches=2)
+               for init in ("uniform_fan_in", "glorot")}
+    assert balance["glorot"]["b1_rms"] == pytest.approx(balance["uniform_fan_in"]["b1_rms"], rel=1e-4)
+    for g in balance.values():
+        assert g["ratio"] == pytest.approx(g["cross_entropy_rms"] / g["b1_rms"])
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    from polar_tf import frontend as fe, models
+
+    keras.utils.set_random_seed(0)
+    model = models.build_model(Config())
+    layer = models.get_frontend(model)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    ce, b1 = [], []
+    for first in (0, 64):
+        with tf.GradientTape(persistent=True) as tape:
+            ce_value = loss(y[first : first + 64], model(x[first : first + 64]))
+            b1_value = tf.reduce_mean(fe.barrier_b1(layer.normalized(x[first : first + 64]), layer.sigma1))
+        ce.append(tape.gradient(ce_value, layer.kernel).numpy())
+        b1.append(tape.gradient(b1_value, layer.kernel).numpy())
+    # The step is the gradient up to the rounding of weights ~0.5 in float32 (~3e-8), far below it.
+    assert balance["uniform_fan_in"]["cross_entropy_rms"] == pytest.approx(np.sqrt(np.mean(np.square(ce))), rel=1e-3)
+    assert balance["uniform_fan_in"]["b1_rms"] == pytest.approx(np.sqrt(np.mean(np.square(b1))), rel=1e-3)
