@@ -16,7 +16,7 @@ with 20 restarts, all 10,000 test images; --quick cuts it to a one-minute try (s
 --suite=adaptive runs `polar_tf.adaptive` instead (FGSM, PGD, APGD-CE/DLR/T per backward pass, Square,
 transfer, noise; the per-example worst case; gradient-masking checks) into <output folder>/adaptive/.
 Progress bars show each attack's progress; Ctrl-C stops within seconds, keeping finished attacks
-in results.partial.json.
+in results.partial.json; the same command then continues with the models not finished.
 
 TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
 with one line `evaluate.py: error: ...` (exit 1), Ctrl-C with `evaluate.py: interrupted` (exit 130).

@@ -282,6 +282,9 @@ def evaluate_adaptive(
 ) -> dict[str, Any]:
     """Runs the adaptive suite on each model; writes results.json and results.md.
 
+    A run interrupted (Ctrl-C) with the same models and settings is resumed: the models it finished,
+    kept in results.partial.json, are not attacked again.
+
     Args:
       model_paths: `.keras` files or training workdirs.
       config: the settings.
@@ -326,19 +329,21 @@ def evaluate_adaptive(
         "device": backend.device_description(),
         "command": command,
         "reproduce": reproduce_command(paths, config, output_dir, data_dir),
+        # The transfer source as a file, as the models' paths (config.transfer_from is as given).
+        "transfer_from_path": os.path.abspath(runfiles.resolve_model_path(config.transfer_from)) if config.transfer_from else None,
         "output_dir": os.path.abspath(output_dir),
         "models": [],
     }
     labels = evaluation._unique([evaluation.model_label(p) for p in paths])
-    for path, label, model in zip(paths, labels, loaded):
+    earlier = results["total_seconds"] = evaluation.resume_partial(output_dir, paths, config, results)
+    for path, label, model in list(zip(paths, labels, loaded))[len(results["models"]):]:
         runs: dict[str, dict[str, Any]] = {}  # filled attack by attack, kept if interrupted
         unfinished = {"label": label, "path": os.path.abspath(path), "attacks": runs}
         with evaluation.keep_on_interrupt(output_dir, results, unfinished):
             results["models"].append(evaluate_model(model, label, x, y, config, x_transfer, path, runs))
-    results["total_seconds"] = time.perf_counter() - started
+        results["total_seconds"] = earlier + time.perf_counter() - started
     os.makedirs(output_dir, exist_ok=True)
-    runfiles.write_json(os.path.join(output_dir, "results.json"), results)
-    runfiles.write_text(os.path.join(output_dir, "results.md"), results_markdown(results))
+    evaluation.write_results(output_dir, results, results_markdown(results))
     logging.info("Wrote results.json and results.md to %s", output_dir)
     return results
 

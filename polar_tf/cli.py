@@ -69,7 +69,7 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
         try:
             rest = flags.FLAGS(argv)
         except flags.Error as e:
-            sys.exit(f"{program}: error: {_one_line(e)}")
+            sys.exit(f"{program}: error: {one_line(e)}")
         if len(rest) > 1:
             sys.exit(f"{program}: error: unexpected arguments {' '.join(rest[1:])}")
         return rest
@@ -106,16 +106,17 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     try:
         body()
     except (ValueError, OSError, ArithmeticError) as e:
-        sys.exit(f"{program}: error: {_one_line(e)}")
+        sys.exit(f"{program}: error: {one_line(e)}")
     except KeyboardInterrupt as e:
         interrupted = True
-        print(f"{program}: interrupted" + (f"; {_one_line(e)}" if str(e) else ""), file=sys.stderr)
+        print(f"{program}: interrupted" + (f"; {one_line(e)}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
     finally:
         if not interrupted:  # After Ctrl-C the hook stays for the exit.
             sys.unraisablehook = previous
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
+    """An error's message on one line (its lines joined with "; "), or its type's name."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__

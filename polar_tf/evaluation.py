@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -220,6 +221,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Attacks each model with the protocol of `config`; writes results.json, results.md and plots.
 
+    A run interrupted (Ctrl-C) with the same models and settings is resumed: the models it finished,
+    kept in results.partial.json, are not evaluated again.
+
     Args:
       model_paths: `.keras` files or training workdirs.
       config: the settings.
@@ -259,22 +263,80 @@ def evaluate(
         "models": [],
     }
     labels = _unique([model_label(p) for p in paths])
-    figures = []
-    for path, label, model in zip(paths, labels, loaded):
+    results["plots"] = []  # the models' figures so far; the accuracy plot is added at the end
+    earlier = results["total_seconds"] = resume_partial(output_dir, paths, config, results)
+    for path, label, model in list(zip(paths, labels, loaded))[len(results["models"]):]:
         runs: list[dict[str, Any]] = []  # filled attack by attack, kept if interrupted
         with keep_on_interrupt(output_dir, results, {"label": label, "path": os.path.abspath(path), "runs": runs}):
             record, adversarial = _evaluate_model(model, path, label, x, y, config, runs)
+            prefix = "" if len(paths) == 1 else _slug(label) + "_"
+            figures = _model_figures(model, label, x, y, adversarial, config, output_dir, prefix)
         results["models"].append(record)
-        prefix = "" if len(paths) == 1 else _slug(label) + "_"
-        figures += _model_figures(model, label, x, y, adversarial, config, output_dir, prefix)
+        results["plots"] += figures
+        results["total_seconds"] = earlier + time.perf_counter() - started
     accuracy_plot = os.path.join(output_dir, "accuracy_vs_eps.png")
     plots.plot_accuracy_vs_eps(_curves(results), accuracy_plot, config.eps, f"{config.dataset}: {len(x)} test images")
-    results["plots"] = [os.path.basename(accuracy_plot), *figures]
-    results["total_seconds"] = time.perf_counter() - started
-    runfiles.write_json(os.path.join(output_dir, "results.json"), results)
-    runfiles.write_text(os.path.join(output_dir, "results.md"), results_markdown(results))
+    results["plots"] = [os.path.basename(accuracy_plot), *results["plots"]]
+    results["total_seconds"] = earlier + time.perf_counter() - started
+    write_results(output_dir, results, results_markdown(results))
     logging.info("Wrote results.json, results.md and %d plots to %s", len(results["plots"]), output_dir)
     return results
+
+
+def finished_results(output_dir: str, paths: Sequence[str], config, partial: bool = False) -> dict[str, Any] | None:
+    """The results.json in `output_dir` if it holds the models `paths` under the settings `config`
+    (an EvalConfig or AdaptiveConfig), else None. With `partial`, the results.partial.json of an
+    interrupted run with these settings whose finished models are the first of `paths`.
+
+    Models are compared as paths relative to the results folder, so that results written in a
+    checkout at another place or on another machine (a GPU run, imported) still match."""
+    path = os.path.join(output_dir, PARTIAL_RESULTS if partial else "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    if "output_dir" not in results or "config" not in results:
+        return None
+    here = os.path.abspath(output_dir)
+    recorded, wanted = dict(results["config"]), json.loads(json.dumps(dataclasses.asdict(config)))
+    if recorded.get("transfer_from") and wanted.get("transfer_from") and results.get("transfer_from_path"):
+        # The adaptive suite's transfer source is a model too: compared as the models are.
+        if (os.path.relpath(results["transfer_from_path"], results["output_dir"])
+                != os.path.relpath(os.path.abspath(_model_file(wanted["transfer_from"])), here)):
+            return None
+        recorded["transfer_from"] = wanted["transfer_from"]
+    if recorded != wanted:
+        return None
+    models = [os.path.relpath(m["path"], results["output_dir"]) for m in results["models"]]
+    expected = [os.path.relpath(os.path.abspath(p), here) for p in paths]
+    return results if models == (expected[: len(models)] if partial else expected) else None
+
+
+def _model_file(path: str) -> str:
+    """A training workdir's final checkpoint, else the path itself (which may not exist here)."""
+    return runfiles.resolve_model_path(path) if os.path.isdir(path) else path
+
+
+def resume_partial(output_dir: str, paths: Sequence[str], config, results: dict[str, Any]) -> float:
+    """Takes the finished models (and their figures) of an interrupted run with the same settings
+    (its results.partial.json) into `results`; returns the seconds it spent on them (0 if none)."""
+    earlier = finished_results(output_dir, paths, config, partial=True)
+    if not earlier or not earlier["models"]:
+        return 0.0
+    results["models"] = earlier["models"]
+    if "plots" in results:
+        results["plots"] = earlier.get("plots", [])
+    logging.info("Resuming %s: %d of %d models finished before", output_dir, len(earlier["models"]), len(paths))
+    return float(earlier.get("total_seconds", 0.0))
+
+
+def write_results(output_dir: str, results: dict[str, Any], markdown: str) -> None:
+    """Writes results.json and results.md, and removes the partial results they supersede."""
+    runfiles.write_json(os.path.join(output_dir, "results.json"), results)
+    runfiles.write_text(os.path.join(output_dir, "results.md"), markdown)
+    partial = os.path.join(output_dir, PARTIAL_RESULTS)
+    if os.path.isfile(partial):
+        os.remove(partial)
 
 
 PARTIAL_RESULTS = "results.partial.json"

@@ -13,7 +13,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from polar_tf import data, evaluation, models, runfiles
+from polar_tf import adaptive, data, evaluation, models, runfiles
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd
 
@@ -218,6 +218,52 @@ def test_default_output_dir_is_never_a_tracked_folder(workdir):
     shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
     assert evaluation.default_output_dir(shipped) == os.path.join("runs", "evaluate", "fashion_mnist_polarized")
     assert evaluation.default_output_dir(workdir) == workdir  # beside the model, in its run folder
+
+
+def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(tmp_path, workdir, tiny_model_path):
+    config = evaluation.EvalConfig(attacks=("fgsm",), **SMALL)
+    paths = [tiny_model_path, workdir]
+    complete = evaluation.evaluate(paths, config, str(tmp_path))
+    # What Ctrl-C during the second model leaves: the first model's record (marked, to be recognized).
+    first = {**complete["models"][0], "clean_accuracy": -1.0}
+    partial = {**complete, "models": [first], "plots": ["model_adversarial_examples.png"], "total_seconds": 100.0,
+               "interrupted": True}
+    os.remove(tmp_path / "results.json")
+    runfiles.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
+    resumed = evaluation.evaluate(paths, config, str(tmp_path))
+    assert resumed["models"][0] == first  # taken over, not evaluated again
+    assert resumed["models"][1]["accuracy"] == complete["models"][1]["accuracy"]  # same model, batches and seed
+    assert resumed["total_seconds"] > 100.0 and resumed["plots"][:2] == ["accuracy_vs_eps.png", "model_adversarial_examples.png"]
+    assert not (tmp_path / evaluation.PARTIAL_RESULTS).exists()  # superseded by results.json
+    # A partial run of other settings, or of other models, is not taken over.
+    runfiles.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
+    assert evaluation.finished_results(str(tmp_path), paths, config, partial=True)["models"] == [first]
+    for other in (dict(partial, config={**partial["config"], "steps": 3}),
+                  dict(partial, models=[{**first, "path": os.path.abspath(workdir)}])):
+        runfiles.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), other)
+        assert evaluation.finished_results(str(tmp_path), paths, config, partial=True) is None
+
+
+def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
+    """Results written in a checkout elsewhere (a GPU machine's) match the same models here."""
+    config = evaluation.EvalConfig(dataset="mnist", num_examples=20)
+    output_dir = str(tmp_path / "results" / "full_protocol" / "mnist_table")
+    written = {"config": dataclasses.asdict(config), "output_dir": "/device/checkout/results/full_protocol/mnist_table",
+               "models": [{"path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"}]}
+    runfiles.write_json(os.path.join(output_dir, "results.json"), written)
+    here = str(tmp_path / "pretrained" / "full_protocol" / "mnist_baseline.keras")
+    assert evaluation.finished_results(output_dir, [here], config)["models"] == written["models"]
+    assert evaluation.finished_results(output_dir, [str(tmp_path / "pretrained" / "mnist_baseline.keras")], config) is None
+    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(config, num_examples=10)) is None
+    assert evaluation.finished_results(output_dir, [here], config, partial=True) is None  # no partial results there
+    # The adaptive suite's transfer source likewise, though its config holds it as given (here: relative).
+    suite = adaptive.AdaptiveConfig(dataset="mnist", transfer_from="pretrained/full_protocol/mnist_baseline.keras")
+    runfiles.write_json(os.path.join(output_dir, "results.json"), {
+        **written, "config": dataclasses.asdict(suite),
+        "transfer_from_path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"})
+    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
+    other = str(tmp_path / "pretrained" / "full_protocol" / "mnist_adversarial.keras")
+    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=other)) is None
 
 
 def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):

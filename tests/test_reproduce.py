@@ -40,8 +40,15 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
         assert len(runfiles.MetricsLog(os.path.join(root, f"mnist_{model}", "metrics.jsonl")).read()) == 3 * expected[0]
     with open(os.path.join(results, "mnist_adaptive", "results.json")) as f:
         suite = json.load(f)
-    # The adaptive column is the suite's per-example worst case, and the transfer comes from the undefended model.
-    assert suite["config"]["transfer_from"] == os.path.join(root, "mnist_baseline", os.path.basename(suite["config"]["transfer_from"]))
+    # The adaptive column is the suite's per-example worst case, and the transfer comes from the undefended model,
+    # as every evaluation from its copy in pretrained/.
+    assert suite["config"]["transfer_from"] == os.path.join(pretrained, "mnist_baseline.keras")
+    assert [m["path"] for m in suite["models"]] == [os.path.abspath(os.path.join(pretrained, f"mnist_{m}.keras"))
+                                                    for m in ("baseline", "adversarial", "polarized")]
+    # Each table says which schedule and budgets its cells come from.
+    assert ("Training: REDUCED (baseline 3 epochs of 60, the first 128 training images; adversarial 6 epochs of 60, the "
+            "first 128 training images, PGD of 2 steps of 40; polarized 3 epochs of 60, the first 128 training images). "
+            "Budgets: table REDUCED (2 steps of 100; 1 restarts of 20); adaptive REDUCED (") in text
     for line, record in zip([l for l in text.splitlines() if l.startswith("| no defense") or l.startswith("| adversarial")
                              or l.startswith("| polarizing")], suite["models"]):
         assert line.split(" | ")[5] == f"{100 * record['worst_case_accuracy']:.2f}"
@@ -58,10 +65,27 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     assert "BIM with the margin loss instead of the cross-entropy leaves" in text
     assert os.path.isfile(os.path.join(results, "mnist_bim_margin", "results.json"))
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
-    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in ("table", "sweep", "bim_margin", "adaptive")]
+    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in reproduce.EVALUATIONS]
     before = [os.path.getmtime(p) for p in outputs]
     reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results)  # nothing to redo
     assert [os.path.getmtime(p) for p in outputs] == before
+
+    # Read back from the files only (as another report reads an imported reproduction, by its protocol.json),
+    # these results become sections of their own beside another run's.
+    full = reproduce._full_protocol_sections(results, str(tmp_path / "another_run"), ["mnist", "fashion_mnist"])
+    assert full["protocol"] == protocol and full["remaining"] == ["fashion_mnist"] and list(full["results"]) == ["mnist"]
+    collected = full["results"]["mnist"]
+    assert [collected[k]["models"] for k in reproduce.EVALUATIONS] == [json.load(open(p))["models"] for p in outputs]
+    assert full["title"] == f" ({results})"  # not the paper's protocol: not titled as such
+    text = reproduce.reproduction_markdown({"mnist": collected}, protocol, str(tmp_path), full)
+    assert f"## mnist ({results}), eps = 0.3" in text and "## mnist at a reduced protocol, eps = 0.3" in text
+    assert f"Sections titled '({results})' come from the reproduction in `{results}` (a REDUCED protocol" in text
+    assert "not yet: fashion_mnist, see BUILD.md" in text
+    assert reproduce.update_readme(str(readme), {"mnist": collected}, protocol, full)
+    assert f"#### mnist ({results}), eps = 0.3" in readme.read_text()
+    paper = dict(full, protocol=reproduce.Protocol(steps_per_execution=32), title=" at the paper's full protocol")
+    assert "Sections titled 'at the paper's full protocol' come from" in reproduce.reproduction_markdown(
+        {"mnist": collected}, protocol, str(tmp_path), paper)
 
 
 def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage_2():
