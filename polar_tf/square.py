@@ -23,6 +23,12 @@ more than `queries`. One iteration of a batch is one compiled function
 each example from (seed, iteration, its index) alone, so the squares proposed do not depend on
 the batch size. (Whether a proposal is accepted compares two margins; at a near-tie the float
 rounding of another batch shape can decide it otherwise.)
+
+A query is a forward pass, and only the examples still attacked are computed: every
+`_SYNC_EVERY` iterations the fooled ones leave and the others are re-packed into fewer or
+smaller calls, of a few shapes (`Run`, `layout`). On a defended model, where most examples fall
+in the first hundred queries and a few hold out to the budget, that is most of the work
+(BENCHMARKS.md, "Square attack").
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ DEFAULT_P_INIT = 0.8  # AutoAttack's for L-inf, and the Square authors' on MNIST
 # The reference's schedule: iteration (per 10,000) after which p is halved once more.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _UNCHANGED = 1e-7
-_SYNC_EVERY = 20  # iterations between checks whether a whole batch is fooled
+_SYNC_EVERY = 20  # iterations between copies of the margins to the host, where fooled examples leave
 _BLOCK = 256  # examples per random generator (see `_per_example`)
 
 
@@ -179,62 +185,136 @@ def square(
         correct = models.predict_labels(model, x, max(min(batch_size, n), 1)) == y if n else np.zeros(0, bool)
         todo = np.flatnonzero(correct) if eps > 0 else np.zeros(0, np.int64)
         bar = progress.bar(f"square eps={eps:g}: {todo.size} examples, {queries} queries each", todo.size, "example")
-        fooled = n - todo.size
-        for rows, states in batches(model, x, y, todo, eps=eps, queries=queries, p_init=p_init, clip_min=clip_min,
-                                    clip_max=clip_max, seed=seed, batch_size=batch_size,
-                                    rescale_schedule=rescale_schedule):
-            done = int(np.searchsorted(todo, rows[0]))
-            for i, state in enumerate(states):
-                if i % _SYNC_EVERY == 0:  # a progress update costs a copy to the host
-                    still = int(np.sum(ops.convert_to_numpy(state[1])[: len(rows)] > 0))
-                    bar.update(done + len(rows) * i // (queries - 1), [("accuracy", 1 - (fooled + len(rows) - still) / max(n, 1))])
-            result = ops.convert_to_numpy(state[0])[: len(rows)]
-            attacks.check_adversarial(result, x[rows], eps, clip_min, clip_max)
-            x_adv[rows] = result
-            spent[rows] = ops.convert_to_numpy(state[2])[: len(rows)]
-            fooled += int(np.sum(ops.convert_to_numpy(state[1])[: len(rows)] <= 0))
-            bar.update(done + len(rows), [("accuracy", 1 - fooled / max(n, 1))])
+        run = Run(model, x, y, todo, eps=eps, queries=queries, p_init=p_init, clip_min=clip_min, clip_max=clip_max,
+                  seed=seed, batch_size=batch_size, rescale_schedule=rescale_schedule)
+        shown = -1
+        for t, _, _ in run:
+            if t != shown:  # once per iteration: the fooled examples count as done, the others in part
+                shown = t
+                finished = todo.size - run.active
+                bar.update(finished + run.active * (t + 2) // queries,
+                           [("accuracy", 1 - (n - todo.size + finished) / max(n, 1))])
+        attacks.check_adversarial(run.x_best, x[todo], eps, clip_min, clip_max)
+        x_adv[todo] = run.x_best
+        spent[todo] = run.queries
+        fooled = n - todo.size + int(np.sum(run.margin <= 0))
+        bar.update(todo.size, [("accuracy", 1 - fooled / max(n, 1))])
         logging.info("square eps=%g: %d of %d examples fooled, %d queries at most, %.1f s",
                      eps, fooled, n, queries, time.perf_counter() - started)
     return (x_adv, spent) if return_queries else x_adv
 
 
-def batches(model: keras.Model, x: np.ndarray, y: np.ndarray, todo: np.ndarray, *, eps: float, queries: int,
-            p_init: float, clip_min: float, clip_max: float, seed: int, batch_size: int,
-            rescale_schedule: bool = False):
-    """The attack on the examples `todo` (correctly classified ones), batch by batch.
+def layout(active: int, batch: int) -> list[int]:
+    """The rows of each compiled call that attack `active` examples: full batches, then the rest
+    padded up to a power of two (at most `batch`), so that however many examples are left, the
+    calls take only a few shapes (each shape is one trace)."""
+    full, rest = divmod(active, batch)
+    return [batch] * full + ([min(batch, 1 << (rest - 1).bit_length())] if rest else [])
 
-    Yields, for each batch, (rows, states): the example indices and an iterator over the states
-    (x_best, margin_best, queries spent; backend tensors padded to the batch size) after the
-    stripes start and after each iteration, the last being the batch's result. A batch stops
-    early once every example in it is fooled (checked every `_SYNC_EVERY` iterations). `square`
-    runs it; tests read the states to compare runs. Arguments as `square`; the saturation must
-    already be on.
+
+class Run:
+    """The attack on the examples `todo` of x (correctly classified ones), iteration by iteration.
+
+    All the examples advance together, each iteration in compiled calls of at most `batch_size`
+    rows (`min(batch_size, len(x))`: fixed by the number of examples, not of those attacked).
+    Every `_SYNC_EVERY` iterations the margins are copied to the host and the examples fooled
+    leave: from then on the calls attack only the examples still active, in fewer or smaller
+    calls (`layout`; they are re-packed only when that changes the calls' shapes, a fooled example
+    left in a call keeps its state). Padding rows repeat a row of the call and mean nothing.
+
+    Iterating over a run (once) attacks and yields, for each compiled call, (t, rows, state):
+    t = 0 after the stripes start and t = i + 1 after iteration i; `rows` the example indices
+    (into x, ascending) whose states are the first len(rows) rows of state = (x_best,
+    margin_best, queries spent), backend tensors or NumPy arrays (`keras.ops.convert_to_numpy`
+    reads both). Each example is yielded at t = 0, 1, ... without a gap until it leaves, and its
+    last state yielded is its result. Once the iteration is over, `x_best`, `margin` and
+    `queries` hold the results of all of `todo`, in its order (NumPy arrays). `square` runs it;
+    tests read the states to compare runs. Arguments as `square`; the saturation must already
+    be on.
+
+    Attributes:
+      active: the examples not fooled at the last copy of the margins (all of them before it).
+      x_best, margin, queries: float32 [k, height, width, channels], float32 [k], int32 [k] for
+        the k examples of `todo`.
     """
-    n, height, width, channels = x.shape
-    compiled = compiled_square(model, clip_min, clip_max)
-    f32 = np.float32
-    batch = min(batch_size, n)  # Fixed by the number of examples, not of those attacked: one trace.
 
-    def states(rows):
-        xb, yb = attacks._pad(x[rows], batch), attacks._pad(y[rows], batch)
-        stripes = attacks._pad(_signs((seed, 0), rows, (1, width, channels)), batch)
-        x_start = np.clip(xb + f32(eps) * stripes, clip_min, clip_max)
-        xb, yb = ops.convert_to_tensor(xb), ops.convert_to_tensor(yb)  # on the device once per batch
-        state = (x_start, compiled._evaluate(x_start, yb), np.full(batch, 2, np.int32))
-        yield state
-        for i in range(queries - 2):
-            if i % _SYNC_EVERY == 0 and not np.any(ops.convert_to_numpy(state[1])[: len(rows)] > 0):
-                return
-            side = square_side(p_selection(p_init, i, queries, rescale_schedule), height, width)
-            corners, signs = proposals(seed, i, rows, side, height, channels)
-            state = compiled._iterate(state, xb, yb, f32(eps), np.int32(side), attacks._pad(corners, batch),
-                                      attacks._pad(signs, batch))
-            yield state
+    def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, todo: np.ndarray, *, eps: float,
+                 queries: int, p_init: float, clip_min: float, clip_max: float, seed: int, batch_size: int,
+                 rescale_schedule: bool = False):
+        self.x, self.y, self.todo = x, y, np.asarray(todo, np.int64)
+        self.eps, self.queries_budget, self.p_init, self.seed = np.float32(eps), queries, p_init, seed
+        self.clip_min, self.clip_max, self.rescale_schedule = clip_min, clip_max, rescale_schedule
+        self.batch = max(min(batch_size, len(x)), 1)
+        self.compiled = compiled_square(model, clip_min, clip_max)
+        k = self.todo.size
+        self.active = k
+        self.x_best = x[self.todo].copy()
+        self.margin = np.full(k, np.inf, np.float32)
+        self.queries = np.zeros(k, np.int32)
 
-    for first in range(0, todo.size, batch):
-        rows = todo[first : first + batch]
-        yield rows, states(rows)
+    def __iter__(self):
+        _, height, width, channels = self.x.shape
+        calls = []  # [positions in todo (padded), how many are real, x, y, state] per compiled call
+        for positions, count in self._pack(np.arange(self.todo.size)):
+            rows = self.todo[positions]
+            xb, yb = self._inputs(rows)
+            stripes = _signs((self.seed, 0), rows, (1, width, channels))
+            x_start = np.clip(self.x[rows] + self.eps * stripes, self.clip_min, self.clip_max)
+            state = (x_start, self.compiled._evaluate(x_start, yb), np.full(len(rows), 2, np.int32))
+            calls.append([positions, count, xb, yb, state])
+            yield 0, rows[:count], state
+        for i in range(self.queries_budget - 2):
+            if i % _SYNC_EVERY == 0:
+                calls = self._sync(calls)
+                if not calls:
+                    return
+            side = square_side(p_selection(self.p_init, i, self.queries_budget, self.rescale_schedule), height, width)
+            rows = self.todo[np.concatenate([call[0] for call in calls])]
+            corners, signs = proposals(self.seed, i, rows, side, height, channels)
+            first = 0
+            for call in calls:
+                size = len(call[0])
+                call[4] = self.compiled._iterate(call[4], call[2], call[3], self.eps, np.int32(side),
+                                                 corners[first : first + size], signs[first : first + size])
+                yield i + 1, rows[first : first + call[1]], call[4]
+                first += size
+        self._sync(calls, final=True)
+
+    def _pack(self, positions: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """The calls that attack the examples at `positions` (of todo): each call's positions,
+        padded by repeating its first, and how many are real."""
+        packed, first = [], 0
+        for size in layout(len(positions), self.batch):
+            part = positions[first : first + size]
+            packed.append((np.concatenate([part, np.repeat(part[:1], size - len(part))]), len(part)))
+            first += size
+        return packed
+
+    def _inputs(self, rows: np.ndarray):
+        # On the device once per call layout, not once per iteration.
+        return ops.convert_to_tensor(self.x[rows]), ops.convert_to_tensor(self.y[rows])
+
+    def _sync(self, calls: list, final: bool = False) -> list:
+        """Copies the margins to the host; where the examples still active fit in other calls
+        (or at the end), copies the states too and re-packs the active examples."""
+        for positions, count, _, _, state in calls:
+            self.margin[positions[:count]] = ops.convert_to_numpy(state[1])[:count]
+        active = np.flatnonzero(self.margin > 0)
+        self.active = active.size
+        if not final and layout(active.size, self.batch) == [len(call[0]) for call in calls]:
+            return calls
+        for positions, count, _, _, state in calls:
+            at = positions[:count]
+            self.x_best[at] = ops.convert_to_numpy(state[0])[:count]
+            self.queries[at] = ops.convert_to_numpy(state[2])[:count]
+        if final:
+            return []
+        repacked = []
+        for positions, count in self._pack(active):
+            xb, yb = self._inputs(self.todo[positions])
+            state = (self.x_best[positions], self.margin[positions], self.queries[positions])
+            repacked.append([positions, count, xb, yb, state])
+        return repacked
 
 
 def proposals(seed: int, iteration: int, rows: np.ndarray, side: int, height: int, channels: int):

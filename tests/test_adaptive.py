@@ -209,30 +209,92 @@ def test_square_proposals_are_per_example():
     assert not np.array_equal(square.proposals(1, 0, rows, 6, 28, 3)[0], square.proposals(0, 0, rows, 6, 28, 3)[0])
 
 
-def _square_history(model, x, y, todo, batch_size, queries):
-    """Per example of `todo`: the images [T, k, ...], margins [T, k] and queries [T, k] after the
-    start and each iteration (a batch that stopped early repeats its last state)."""
-    images, margins, spent = [], [], []
-    for rows, states in square.batches(model, x, y, todo, eps=0.03, queries=queries, p_init=0.05, clip_min=0.0,
-                                       clip_max=1.0, seed=0, batch_size=batch_size):
-        history = [tuple(ops.convert_to_numpy(v)[: len(rows)] for v in state) for state in states]
-        history += [history[-1]] * (queries - 1 - len(history))
-        for out, k in ((images, 0), (margins, 1), (spent, 2)):
-            out.append(np.stack([h[k] for h in history]))
-    return (np.concatenate(a, axis=1) for a in (images, margins, spent))
+def _square_run(model, x, y, todo, batch_size, queries, eps=0.03):
+    return square.Run(model, x, y, todo, eps=eps, queries=queries, p_init=0.05, clip_min=0.0, clip_max=1.0, seed=0,
+                      batch_size=batch_size)
+
+
+def _square_history(run, queries):
+    """Per example of the run's `todo`: the images [T, k, ...], margins [T, k] and queries [T, k]
+    after the start and each iteration (an example no longer attacked repeats its last state),
+    and per iteration the compiled calls made, (rows, shape) each. Checks the run's contract on
+    the way: each example yielded from the start, once per iteration without a gap, its last
+    state its result."""
+    todo, steps = run.todo, queries - 1
+    images = np.zeros((steps, todo.size, *run.x.shape[1:]), np.float32)
+    margins, spent = np.zeros((steps, todo.size), np.float32), np.zeros((steps, todo.size), np.int64)
+    last, calls = np.full(todo.size, -1), [[] for _ in range(steps)]
+    for t, rows, state in run:
+        at = np.searchsorted(todo, rows)
+        np.testing.assert_array_equal(todo[at], rows)
+        assert np.all(last[at] == t - 1), t
+        last[at] = t
+        values = [ops.convert_to_numpy(v) for v in state]
+        images[t, at], margins[t, at], spent[t, at] = (v[: len(rows)] for v in values)
+        calls[t].append((rows, len(values[1])))
+    assert np.all(last >= 0)
+    for j in range(todo.size):
+        for history in (images, margins, spent):
+            history[last[j] + 1 :, j] = history[last[j], j]
+    np.testing.assert_array_equal(run.x_best, images[-1])
+    np.testing.assert_array_equal(run.margin, margins[-1])
+    np.testing.assert_array_equal(run.queries, spent[-1])
+    return images, margins, spent, calls
+
+
+def test_square_layout_takes_few_shapes():
+    assert square.layout(0, 100) == []
+    assert square.layout(100, 100) == [100] and square.layout(99, 100) == [100]
+    assert square.layout(64, 100) == [64] and square.layout(65, 100) == [100] and square.layout(33, 100) == [64]
+    assert square.layout(3, 100) == [4] and square.layout(1, 100) == [1]
+    assert square.layout(250, 100) == [100, 100, 64] and square.layout(201, 100) == [100, 100, 1]
+    sizes = {size for active in range(1, 1001) for size in square.layout(active, 500)}
+    assert sizes == {500, 256, 128, 64, 32, 16, 8, 4, 2, 1}
+
+
+def test_square_computes_only_the_examples_still_attacked(trained, mnist_small):
+    """From each copy of the margins to the host (every _SYNC_EVERY iterations) on, the calls
+    hold every example not fooled then, in the shapes `layout` gives for as many: the forward
+    passes computed come close to the queries used, far below the batch's rows times the
+    iterations; the few shapes are traced once."""
+    _, _, x, y = mnist_small
+    queries, every, batch = 150, square._SYNC_EVERY, 32
+    todo = np.flatnonzero(models.predict_labels(trained, x) == y)
+    compiled = square.compiled_square(trained)
+    traces = compiled.traces
+    run = _square_run(trained, x, y, todo, batch, queries, eps=0.2)
+    _, margins, spent, calls = _square_history(run, queries)
+    assert calls[0] and [size for _, size in calls[0]] == square.layout(todo.size, batch)
+    for t in range(1, queries - 1):
+        synced = (t - 1) // every * every  # the state whose margins the calls of iteration t - 1 follow
+        active = todo[margins[synced] > 0]
+        assert [size for _, size in calls[t]] == square.layout(active.size, batch), t
+        assert np.all(np.isin(active, np.concatenate([rows for rows, _ in calls[t]] or [[]]))), t
+    shapes = {size for call in calls for _, size in call}
+    assert len(shapes) >= 3  # the calls did shrink: the test is not vacuous
+    assert compiled.traces - traces <= len(shapes) + len({size for _, size in calls[0]})
+    computed = sum(size for call in calls for _, size in call)
+    assert computed >= np.sum(spent[-1] - 1)  # every query but the clean one is a forward pass
+    assert computed < 0.5 * len(calls[0]) * batch * (queries - 1)
+    # The same run again: no shape is new, and nothing differs (the same shapes in one process).
+    traces = compiled.traces
+    again = _square_run(trained, x, y, todo, batch, queries, eps=0.2)
+    np.testing.assert_array_equal(_square_history(again, queries)[1], margins)
+    assert compiled.traces == traces
 
 
 def test_square_batch_sizes_differ_only_at_near_ties(trained, mnist_small):
     """The squares proposed do not depend on the batch size; whether one is accepted compares two
     margins, which another batch shape may round differently in the last bits (oneDNN, XLA). So
-    the runs at batch sizes 64 and 100 must agree exactly until an accept decision where the two
+    the runs at batch sizes 64 and 100 (each re-packed into smaller calls, at other times, as
+    examples are fooled) must agree exactly until an accept decision where the two
     margins were within that float noise, or where an example's margin was within it of 0 (one
     run stops attacking it), and from there on the example may follow another path."""
     _, _, x, y = mnist_small
     queries = 150
     todo = np.flatnonzero(models.predict_labels(trained, x) == y)
-    x_a, m_a, q_a = _square_history(trained, x, y, todo, 64, queries)
-    x_b, m_b, q_b = _square_history(trained, x, y, todo, 100, queries)
+    x_a, m_a, q_a, _ = _square_history(_square_run(trained, x, y, todo, 64, queries), queries)
+    x_b, m_b, q_b, _ = _square_history(_square_run(trained, x, y, todo, 100, queries), queries)
     # The noise: margins of the same images (every state of run a) at the two batch shapes.
     images = x_a.reshape(-1, *x.shape[1:])
     labels = np.tile(y[todo], queries - 1)
