@@ -81,6 +81,8 @@ class Protocol:
     square_queries: int = adaptive.DEFAULT_QUERIES
     seed: int = 0
     steps_per_execution: int = 1
+    classifier_init: str = Config.classifier_init
+    adam_epsilon: float = Config.adam_epsilon
 
     @property
     def is_paper(self) -> bool:
@@ -95,7 +97,8 @@ def training_config(dataset: str, model: str, protocol: Protocol) -> Config:
                   epochs_per_stage=protocol.adv_epochs_per_stage if adversarial else protocol.epochs_per_stage,
                   adv_steps=protocol.adv_steps if adversarial else Config.adv_steps,
                   adv_warmup_epochs=protocol.adv_warmup_epochs if adversarial else 0,
-                  steps_per_execution=protocol.steps_per_execution)
+                  steps_per_execution=protocol.steps_per_execution, classifier_init=protocol.classifier_init,
+                  adam_epsilon=protocol.adam_epsilon)
 
 
 def run_folder(root: str, dataset: str, model: str) -> str:
@@ -347,12 +350,17 @@ def _training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
         "train_examples": config.train_examples,
         "adv_steps": config.adv_steps if config.model == "adversarial" else None,
         "adv_warmup_epochs": config.adv_warmup_epochs,
+        "classifier_init": config.classifier_init,
+        "adam_epsilon": config.adam_epsilon,
         "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,
         "frac_change_per_epoch": _stage2_trend(records),
         "train_seconds": sum(r["epoch_seconds"] for r in records),
         "command": f"python train.py --dataset={config.dataset} --model={config.model} --workdir={workdir} "
                    f"--epochs_per_stage={config.epochs_per_stage} --train_examples={config.train_examples} "
-                   f"--seed={config.seed}" + (f" --adv_steps={config.adv_steps} --adv_warmup_epochs={config.adv_warmup_epochs}"
+                   f"--seed={config.seed}"
+                   + ("" if config.classifier_init == Config.classifier_init else f" --classifier_init={config.classifier_init}")
+                   + ("" if config.adam_epsilon == Config.adam_epsilon else f" --adam_epsilon={config.adam_epsilon:g}")
+                   + (f" --adv_steps={config.adv_steps} --adv_warmup_epochs={config.adv_warmup_epochs}"
                       if config.model == "adversarial" else ""),
         "final_test_accuracy": records[-1]["test_accuracy"] if records else None,
     }
@@ -495,6 +503,12 @@ def training_note(training: list[dict]) -> str:
             parts.append(f"eps ramped up over {t['adv_warmup_epochs']} epochs")
         if parts:
             changed.append(f"{t['model']} " + ", ".join(parts))
+    # Records written before these settings existed trained with Keras' defaults.
+    inits = {(t.get("classifier_init", "glorot"), t.get("adam_epsilon", 1e-7)) for t in training}
+    unlike = sorted(f"classifier init {init}, Adam epsilon {eps:g}" for init, eps in inits
+                    if (init, eps) != (full.classifier_init, full.adam_epsilon))
+    if unlike:
+        changed.append("all " + " / ".join(unlike) + f" (the original's: {full.classifier_init}, {full.adam_epsilon:g})")
     return "the paper's schedule" if not changed else "REDUCED (" + "; ".join(changed) + ")"
 
 
@@ -659,7 +673,8 @@ def define_reproduction_flags(workdir: str = "runs/reproduction", results_dir: s
     flags.DEFINE_string("data_dir", None, "Folder of IDX files (default: $POLAR_TF_DATA_DIR, then tfds).")
     flags.DEFINE_string("pretrained_dir", pretrained_dir, "Copy the trained models here, and evaluate the copies ('' to skip).")
     for name, paper in dataclasses.asdict(Protocol()).items():
-        flags.DEFINE_integer(name, protocol_defaults.get(name, paper), f"Protocol setting (paper: {paper}).")
+        define = {str: flags.DEFINE_string, float: flags.DEFINE_float}.get(type(paper), flags.DEFINE_integer)
+        define(name, protocol_defaults.get(name, paper), f"Protocol setting (paper: {paper}).")
 
 
 def reproduction_from_flags() -> tuple[list[str], Protocol]:
