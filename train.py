@@ -31,7 +31,7 @@ def define_flags() -> None:
     flags.DEFINE_float("adam_epsilon", 1e-8, "Adam's epsilon (PyTorch's default, as in the original).")
     flags.DEFINE_enum("classifier_init", "uniform_fan_in", list(CLASSIFIER_INITS),
                       "Classifier initialisation: PyTorch's default (the original's) or Keras' glorot.")
-    flags.DEFINE_float("jump", None, "Saturation jump c (default 0.5 MNIST, 0.2 Fashion-MNIST; 0.2 direct_quant).")
+    flags.DEFINE_float("jump", None, "Saturation jump c (default 0.5 MNIST, 0.3 Fashion-MNIST; 0.2 direct_quant).")
     flags.DEFINE_enum("backward", "identity", list(BACKWARDS), "Gradient of the saturation.")
     flags.DEFINE_float("steepness", 8.0, "Steepness of the smooth backward pass.")
     flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0: all).")

@@ -3,7 +3,7 @@
 Defaults follow the original implementation (see METHOD.md of the project):
 
     python train.py --dataset=mnist            # c = 0.5, eps = 0.3, 60 epochs, ~99% clean
-    python train.py --dataset=fashion_mnist    # c = 0.2, eps = 0.1
+    python train.py --dataset=fashion_mnist    # c = 0.3, eps = 0.1
 
 Flags only fill a `Config`; library code never reads flags.
 """
@@ -23,8 +23,13 @@ BACKWARDS = ("identity", "smooth")
 # "glorot" is Keras' default (Glorot-uniform weights, zero biases).
 CLASSIFIER_INITS = ("uniform_fan_in", "glorot")
 
-# Per-dataset defaults of the paper: the front end's jump c and the attack size eps.
-DEFAULT_JUMP = {"mnist": 0.5, "fashion_mnist": 0.2}
+# Per-dataset defaults of the paper: the front end's jump c and the attack size eps. The paper does
+# not say which jump its Fashion-MNIST row used; the original's training script defaults to 0.2 and
+# one released checkpoint uses it, but its README trains with 0.3, its published training
+# trajectory and second checkpoint use 0.3, that checkpoint's clean accuracy (87.5%) is the paper's
+# (87.3%; the c = 0.2 one: 88.3%), and here c = 0.3 reproduces the paper's FGSM and BIM within
+# 5 points where c = 0.2 falls 10-26 points short (README, "Fidelity of training").
+DEFAULT_JUMP = {"mnist": 0.5, "fashion_mnist": 0.3}
 DEFAULT_EPS = {"mnist": 0.3, "fashion_mnist": 0.1}
 # Direct quantization thresholds the pixels themselves; the reference used 0.2.
 DIRECT_QUANT_JUMP = 0.2

@@ -48,7 +48,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 
 from polar_tf import adaptive, evaluation, runfiles, state_archive, training  # noqa: E402
-from polar_tf.config import DATASETS, Config  # noqa: E402
+from polar_tf.config import DATASETS, DEFAULT_JUMP, Config  # noqa: E402
 
 # The paper's rows, in its order, and the models that reproduce them.
 ROWS = (("baseline", "no defense"), ("adversarial", "adversarial training"), ("polarized", "polarizing front end"))
@@ -83,6 +83,7 @@ class Protocol:
     steps_per_execution: int = 1
     classifier_init: str = Config.classifier_init
     adam_epsilon: float = Config.adam_epsilon
+    fashion_mnist_jump: float = DEFAULT_JUMP["fashion_mnist"]
 
     @property
     def is_paper(self) -> bool:
@@ -98,7 +99,9 @@ def training_config(dataset: str, model: str, protocol: Protocol) -> Config:
                   adv_steps=protocol.adv_steps if adversarial else Config.adv_steps,
                   adv_warmup_epochs=protocol.adv_warmup_epochs if adversarial else 0,
                   steps_per_execution=protocol.steps_per_execution, classifier_init=protocol.classifier_init,
-                  adam_epsilon=protocol.adam_epsilon)
+                  adam_epsilon=protocol.adam_epsilon,
+                  # Recorded by every model's config (the unused jump of the others too).
+                  jump=protocol.fashion_mnist_jump if dataset == "fashion_mnist" else None)
 
 
 def run_folder(root: str, dataset: str, model: str) -> str:
@@ -352,12 +355,15 @@ def _training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
         "adv_warmup_epochs": config.adv_warmup_epochs,
         "classifier_init": config.classifier_init,
         "adam_epsilon": config.adam_epsilon,
+        "jump": config.jump if config.model == "polarized" else None,
+        "dataset": config.dataset,
         "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,
         "frac_change_per_epoch": _stage2_trend(records),
         "train_seconds": sum(r["epoch_seconds"] for r in records),
         "command": f"python train.py --dataset={config.dataset} --model={config.model} --workdir={workdir} "
                    f"--epochs_per_stage={config.epochs_per_stage} --train_examples={config.train_examples} "
                    f"--seed={config.seed}"
+                   + (f" --jump={config.jump:g}" if config.model == "polarized" and config.jump != DEFAULT_JUMP[config.dataset] else "")
                    + ("" if config.classifier_init == Config.classifier_init else f" --classifier_init={config.classifier_init}")
                    + ("" if config.adam_epsilon == Config.adam_epsilon else f" --adam_epsilon={config.adam_epsilon:g}")
                    + (f" --adv_steps={config.adv_steps} --adv_warmup_epochs={config.adv_warmup_epochs}"
@@ -501,6 +507,8 @@ def training_note(training: list[dict]) -> str:
             parts.append(f"PGD of {t['adv_steps']} steps of {full.adv_steps}")
         if adversarial and t["adv_warmup_epochs"]:
             parts.append(f"eps ramped up over {t['adv_warmup_epochs']} epochs")
+        if t.get("jump") is not None and t.get("dataset") and t["jump"] != DEFAULT_JUMP[t["dataset"]]:
+            parts.append(f"jump c = {t['jump']:g} (default {DEFAULT_JUMP[t['dataset']]:g})")
         if parts:
             changed.append(f"{t['model']} " + ", ".join(parts))
     # Records written before these settings existed trained with Keras' defaults.

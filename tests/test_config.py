@@ -6,7 +6,7 @@ from polar_tf.config import Config
 def test_dataset_defaults():
     assert (Config().jump, Config().eps) == (0.5, 0.3)
     fashion = Config(dataset="fashion_mnist")
-    assert (fashion.jump, fashion.eps) == (0.2, 0.1)
+    assert (fashion.jump, fashion.eps) == (0.3, 0.1)
     assert Config(model="direct_quant").jump == 0.2
     assert Config(jump=0.3).jump == 0.3
 

@@ -99,7 +99,7 @@ def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage
 def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_differences(tmp_path):
     workdir = tmp_path / "runs" / "fashion_seed1"
     runfiles.write_json(str(workdir / "config.json"),
-                        reproduce.Config(dataset="fashion_mnist", model="polarized", seed=1, epochs_per_stage=1).to_dict())
+                        reproduce.Config(dataset="fashion_mnist", model="polarized", seed=1, epochs_per_stage=1, jump=0.2).to_dict())
     log = runfiles.MetricsLog(str(workdir / "metrics.jsonl"))
     for epoch, frac in enumerate((0.2, 0.1, 0.05)):
         log.append({"epoch": epoch, "stage": epoch + 1, "frac_within_eps_of_jump": frac})
