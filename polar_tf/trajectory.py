@@ -83,11 +83,8 @@ def near_jump_fraction(kernel: np.ndarray, x: np.ndarray, jump: float, eps: floa
     return monitoring.frontend_stats(layer, z, eps)["frac_within_eps_of_jump"]
 
 
-def our_trajectory(workdir: str, x: np.ndarray, config: Config) -> dict[int, dict[str, float]]:
-    """{epochs completed: concentration, mean L1, near-jump fraction} from workdir/filters/."""
-    kernels = runfiles.load_filters(workdir)
-    if not kernels:
-        raise FileNotFoundError(f"{workdir} has no filters/ (train.py saves them after every epoch of a polarized model)")
+def our_trajectory(kernels: dict[int, np.ndarray], x: np.ndarray, config: Config) -> dict[int, dict[str, float]]:
+    """{epochs completed: concentration, mean L1, near-jump fraction} of a run's saved `kernels`."""
     return {
         epoch: {**_filter_summary(kernel), "near_jump_fraction": near_jump_fraction(kernel, x, config.jump, config.eps)}
         for epoch, kernel in kernels.items()
@@ -145,24 +142,26 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
     names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
     if len(set(names)) < len(names):
         names = list(workdirs)
-    runs = []
+    runs, kernels = [], {}
     for name, workdir, run_config in zip(names, workdirs, configs):
+        kernels[name] = runfiles.load_filters(workdir)
+        if not kernels[name]:
+            raise FileNotFoundError(f"{workdir} has no filters/ (train.py saves them after every epoch of a polarized model)")
         records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
         runs.append({
             "name": name,
             "workdir": workdir,
             "config": {key: getattr(run_config, key) for key in RUN_SETTINGS},
             "test_accuracy": records[-1]["test_accuracy"] if records else None,
-            "by_epoch": our_trajectory(workdir, x, run_config),
+            "by_epoch": our_trajectory(kernels[name], x, run_config),
         })
-    reference = {}
-    if reference_dir:
-        jump = REFERENCE_JUMP[config.dataset]
-        reference = {
-            epoch: {**_filter_summary(entry["kernel"]),
-                    "near_jump_fraction": histogram_fraction_near_jump(entry["hist"], jump, config.eps)}
-            for epoch, entry in reference_trajectory(reference_dir, config.dataset).items()
-        }
+    reference_files = reference_trajectory(reference_dir, config.dataset) if reference_dir else {}
+    jump = REFERENCE_JUMP[config.dataset]
+    reference = {
+        epoch: {**_filter_summary(entry["kernel"]),
+                "near_jump_fraction": histogram_fraction_near_jump(entry["hist"], jump, config.eps)}
+        for epoch, entry in reference_files.items()
+    }
     result = {
         "dataset": config.dataset,
         "eps": config.eps,
@@ -177,11 +176,10 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
     runfiles.write_json(os.path.join(output_dir, "trajectory.json"), result)
     runfiles.write_text(os.path.join(output_dir, "trajectory.md"), trajectory_table(result))
     _plot_series(result, os.path.join(output_dir, "trajectory.png"))
-    kernels = {run["name"]: runfiles.load_filters(run["workdir"]) for run in runs}
     last = max(max(k) for k in kernels.values())
     epochs = [e for e in (sorted(reference) if reference else range(0, last + 1, 5)) if e <= last]
     if reference:
-        kernels["original"] = {e: v["kernel"] for e, v in reference_trajectory(reference_dir, config.dataset).items()}
+        kernels["original"] = {e: v["kernel"] for e, v in reference_files.items()}
     _plot_filters(epochs, kernels, os.path.join(output_dir, "trajectory_filters.png"), config.dataset)
     return result
 
