@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 from polar_tf import cli
 
@@ -129,11 +130,12 @@ def _filter_summary(kernel: np.ndarray) -> dict[str, float]:
 
 
 def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir: str, data_dir: str | None = None,
-                     examples: int = monitoring.MONITOR_EXAMPLES, gradient_batches: int = 0) -> dict:
+                     examples: int = monitoring.MONITOR_EXAMPLES, gradient_batches: int = 0,
+                     command: str | None = None) -> dict:
     """Computes the trajectories of one or more runs (of one dataset) and of the reference;
     writes trajectory.{png,json,md} and trajectory_filters.png into output_dir. With
     `gradient_batches`, also `initial_gradient_balance` of the first run's config under each
-    classifier init."""
+    classifier init. `command`, the command line, is recorded in both files."""
     configs = [runfiles.read_config(w) for w in workdirs]
     if len({(c.dataset, c.eps) for c in configs}) > 1:
         raise ValueError(f"the runs must share a dataset and eps. Received: {[(c.dataset, c.eps) for c in configs]}")
@@ -163,6 +165,7 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
         for epoch, entry in reference_files.items()
     }
     result = {
+        "command": command,
         "dataset": config.dataset,
         "eps": config.eps,
         "examples": len(x),
@@ -200,6 +203,8 @@ def trajectory_table(result: dict) -> str:
     lines = [f"Front end of {result['dataset']} runs (eps = {result['eps']:g}; near a jump: ||z| - c| <= eps, ours on "
              f"the first {result['examples']} training images, the original's from its histogram over all 60,000).",
              "", "| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    if result.get("command"):
+        lines[1:1] = ["", f"Written by `{result['command']}`; each run's settings are in its config.json."]
     rows = [(run["name"], run["config"], run["by_epoch"], run["test_accuracy"]) for run in result["runs"]]
     if result["reference"]:
         rows.append(("original (published trajectory)", {"jump": result["reference"]["jump"]},
@@ -262,7 +267,9 @@ def main(argv):
         if len(f.workdir) > 1 and not f.output_dir:
             raise ValueError("--output_dir is needed with several --workdir")
         output_dir = f.output_dir or os.path.join(f.workdir[0], "plots")
-        result = write_trajectory(f.workdir, f.reference_dir, output_dir, f.data_dir, f.examples, f.gradient_batches)
+        command = " ".join(["python -m polar_tf.trajectory", *sys.argv[1:]])
+        result = write_trajectory(f.workdir, f.reference_dir, output_dir, f.data_dir, f.examples, f.gradient_batches,
+                                  command)
         named = [(run["name"], run["by_epoch"]) for run in result["runs"]]
         if result["reference"]:
             named.append(("original", result["reference"]["by_epoch"]))

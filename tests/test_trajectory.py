@@ -94,6 +94,7 @@ def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
     (run,) = written["runs"]
     assert sorted(run["by_epoch"]) == ["0", "5"] and sorted(written["reference"]["by_epoch"], key=int) == ["0", "5", "10"]
     assert run["config"]["jump"] == 0.3 and written["reference"]["jump"] == 0.3 and run["test_accuracy"] is None
+    assert written["command"].startswith("python -m polar_tf.trajectory --workdir=")
     # Centred one-pixel filters output each pixel itself: the near-jump fraction is the share of
     # the 320 images' pixels within 0.1 of 0.3 (the fixture stores them rounded to 1/255). Pixels
     # 51/255 and 102/255 sit on the interval's ends, where float rounding decides: bound both ways.
@@ -105,6 +106,7 @@ def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
         table = f.read()
     assert "| run | 0.3 | uniform_fan_in | 1e-08 | 0 | 1 | - | - | - | - | 1.00 | - | - | - | 5 | - |" in table
     assert "| original (published trajectory) | 0.3 | - | - | - | - |" in table
+    assert f"Written by `{written['command']}`" in table
     for name in ("trajectory.png", "trajectory_filters.png"):
         assert os.path.getsize(workdir / "plots" / name) > 0
     missing = subprocess.run([sys.executable, "-m", "polar_tf.trajectory", f"--workdir={tmp_path}"],
