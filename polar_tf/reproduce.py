@@ -48,7 +48,7 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 
 from polar_tf import adaptive, evaluation, runfiles, state_archive, training  # noqa: E402
-from polar_tf.config import DATASETS, DEFAULT_JUMP, Config  # noqa: E402
+from polar_tf.config import DATASETS, DEFAULT_JUMP, LEGACY_VALUES, Config  # noqa: E402
 
 # The paper's rows, in its order, and the models that reproduce them.
 ROWS = (("baseline", "no defense"), ("adversarial", "adversarial training"), ("polarized", "polarizing front end"))
@@ -512,7 +512,7 @@ def training_note(training: list[dict]) -> str:
         if parts:
             changed.append(f"{t['model']} " + ", ".join(parts))
     # Records written before these settings existed trained with Keras' defaults.
-    inits = {(t.get("classifier_init", "glorot"), t.get("adam_epsilon", 1e-7)) for t in training}
+    inits = {tuple(t.get(key, LEGACY_VALUES[key]) for key in ("classifier_init", "adam_epsilon")) for t in training}
     unlike = sorted(f"classifier init {init}, Adam epsilon {eps:g}" for init, eps in inits
                     if (init, eps) != (full.classifier_init, full.adam_epsilon))
     if unlike:
