@@ -46,6 +46,7 @@ def define_flags() -> None:
     flags.DEFINE_float("step_size", None, "Step size of BIM and PGD (default eps / 10).")
     flags.DEFINE_integer("restarts", attacks.DEFAULT_RESTARTS, "Random restarts of PGD.")
     flags.DEFINE_integer("num_examples", 10000, "Attack the first N test images.")
+    flags.DEFINE_integer("pgd_examples", None, "PGD attacks only the first N of the --num_examples images (default: all).")
     flags.DEFINE_integer("batch_size", None, "Images per compiled attack call (default: 500 on CPU, 2500 on GPU).")
     flags.DEFINE_string("eps_sweep", None, "Also attack at eps = start:stop:step (stop included), e.g. 0:0.4:0.02.")
     flags.DEFINE_enum("loss", "ce", list(attacks.LOSSES), "Attack loss: ce (cross-entropy) or cw (margin).")
@@ -80,7 +81,8 @@ def main(argv):
         if FLAGS.quick:
             _apply_quick_preset()
         if FLAGS.suite == "adaptive":
-            ignored = [f"--{n}" for n in ("attacks", "loss", "backward", "eps_sweep", "certify") if FLAGS[n].present]
+            ignored = [f"--{n}" for n in ("attacks", "loss", "backward", "eps_sweep", "certify", "pgd_examples")
+                       if FLAGS[n].present]
             if ignored:
                 raise ValueError(f"{', '.join(ignored)} do not apply to --suite=adaptive (it runs every attack)")
             run_adaptive(dataset)
@@ -93,6 +95,7 @@ def main(argv):
             step_size=FLAGS.step_size,
             restarts=FLAGS.restarts,
             num_examples=FLAGS.num_examples,
+            pgd_examples=FLAGS.pgd_examples,
             batch_size=FLAGS.batch_size,
             eps_sweep=evaluation.parse_eps_sweep(FLAGS.eps_sweep) if FLAGS.eps_sweep else (),
             loss=FLAGS.loss,

@@ -67,6 +67,8 @@ class EvalConfig:
       step_size: their step size; None means eps / 10 (at every eps of a sweep).
       restarts: PGD's random restarts.
       num_examples: the first N test images.
+      pgd_examples: PGD attacks only the first N of those (None: all of them), so that many
+        restarts stay affordable where FGSM and BIM run on every image; its accuracy is over those N.
       batch_size: images per compiled attack call; None picks the device's default.
       eps_sweep: further eps values to attack at (for the accuracy-against-eps figure).
       loss: "ce" or "cw" (see `attacks.per_example_loss`).
@@ -84,6 +86,7 @@ class EvalConfig:
     step_size: float | None = None
     restarts: int = DEFAULT_RESTARTS
     num_examples: int = 10000
+    pgd_examples: int | None = None
     batch_size: int | None = None
     eps_sweep: tuple[float, ...] = ()
     loss: str = "ce"
@@ -110,6 +113,9 @@ class EvalConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive integer. Received: {name}={value}")
+        if self.pgd_examples is not None and not (isinstance(self.pgd_examples, int) and 0 < self.pgd_examples <= self.num_examples):
+            raise ValueError(f"pgd_examples must be a positive integer <= num_examples ({self.num_examples}). "
+                             f"Received: pgd_examples={self.pgd_examples}")
         if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise ValueError(f"batch_size must be a positive integer. Received: batch_size={self.batch_size}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
@@ -128,6 +134,10 @@ class EvalConfig:
 
     def step_size_at(self, eps: float) -> float:
         return eps / 10 if self.step_size is None else self.step_size
+
+    def examples_of(self, attack: str, num_examples: int) -> int:
+        """How many of the first `num_examples` test images `attack` runs on."""
+        return min(num_examples, self.pgd_examples or num_examples) if attack == "pgd" else num_examples
 
 
 def parse_eps_sweep(text: str) -> tuple[float, ...]:
@@ -299,6 +309,9 @@ def finished_results(output_dir: str, paths: Sequence[str], config, partial: boo
         return None
     here = os.path.abspath(output_dir)
     recorded, wanted = dict(results["config"]), json.loads(json.dumps(dataclasses.asdict(config)))
+    for key, value in LEGACY_CONFIG_VALUES.items():  # settings added since: what earlier runs did
+        if key in wanted:
+            recorded.setdefault(key, value)
     if recorded.get("transfer_from") and wanted.get("transfer_from") and results.get("transfer_from_path"):
         # The adaptive suite's transfer source is a model too: compared as the models are.
         if (os.path.relpath(results["transfer_from_path"], results["output_dir"])
@@ -310,6 +323,11 @@ def finished_results(output_dir: str, paths: Sequence[str], config, partial: boo
     models = [os.path.relpath(m["path"], results["output_dir"]) for m in results["models"]]
     expected = [os.path.relpath(os.path.abspath(p), here) for p in paths]
     return results if models == (expected[: len(models)] if partial else expected) else None
+
+
+# Settings of EvalConfig added after results files were written, with the value that reproduces what
+# those runs did (PGD on every image).
+LEGACY_CONFIG_VALUES = {"pgd_examples": None}
 
 
 def _model_file(path: str) -> str:
@@ -372,17 +390,19 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
         for name in config.attacks:
             compiled = attacks.compiled_attack(target, config.loss)
             steps_before, start = compiled.image_steps, time.perf_counter()
+            n = config.examples_of(name, len(x))
             # Every attack returns x at eps = 0 (tested); skip the work.
-            x_adv = x.copy() if eps == 0 else run_attack(name, target, x, y, eps, config)
+            x_adv = x[:n].copy() if eps == 0 else run_attack(name, target, x[:n], y[:n], eps, config)
             seconds = time.perf_counter() - start
             image_steps = compiled.image_steps - steps_before
-            correct = models.correct(model, x_adv, y)
-            survives[eps] &= correct
+            correct = models.correct(model, x_adv, y[:n])
+            survives[eps][:n] &= correct
             accuracy = float(np.mean(correct))
             logging.info("%s: %s eps=%g accuracy %.4f (%.1f s)", label, name, eps, accuracy, seconds)
             runs.append({
                 "attack": name,
                 "eps": eps,
+                "examples": n,
                 "accuracy": accuracy,
                 "seconds": seconds,
                 "image_steps": image_steps,
@@ -451,9 +471,10 @@ def _describe(name: str, config: EvalConfig, eps: float) -> str:
         return "one signed-gradient step of size eps"
     if name == "bim":
         return f"{s['steps']} steps of {s['step_size']:.4g} from x"
+    subset = f", on the first {config.pgd_examples} images" if config.pgd_examples else ""
     return (
         f"{s['steps']} steps of {s['step_size']:.4g} from a uniform random start, {s['restarts']} restarts "
-        "(worst case per example)"
+        f"(worst case per example){subset}"
     )
 
 
@@ -461,6 +482,7 @@ def _model_figures(model, label, x, y, adversarial, config: EvalConfig, output_d
     if adversarial is None:
         return []
     name, x_adv = adversarial
+    x, y = x[: len(x_adv)], y[: len(x_adv)]  # PGD may have attacked only the first images
     written = []
     with attacks.saturated(model):
         clean_pred = models.predict_labels(model, x, 1000)
@@ -548,7 +570,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         *([f"**Reduced budgets, not the paper's protocol** ({'; '.join(reduced)}): the robust accuracies are "
            "looser upper bounds than the paper's protocol gives.", ""] if reduced else []),
         "Accuracy (%) of the saturated model on the first "
-        f"{results['num_examples']} test images, L-inf attacks, pixels in [0, 1]."
+        f"{results['num_examples']} test images{_pgd_subset(config, results['num_examples'])}, L-inf attacks, pixels in [0, 1]."
         + (" Certified: a sound lower bound on robust accuracy (interval bound propagation from"
            " the saturating first layer, else from the input box), checked per example against"
            " every attack." if certified else ""),
@@ -597,6 +619,12 @@ def results_markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {model['label']} | certified | "
                              + " | ".join(_percent(certified_at(model, e)[1]) for e in sweep) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pgd_subset(config: dict[str, Any], num_examples: int) -> str:
+    """' (PGD: the first N)' where PGD ran on fewer images than the others, else ''."""
+    n = config.get("pgd_examples")
+    return f" (PGD: the first {n})" if n and n < num_examples and "pgd" in config["attacks"] else ""
 
 
 def _percent(value: float) -> str:

@@ -73,6 +73,7 @@ class Protocol:
     adv_steps: int = 40
     adv_warmup_epochs: int = 0
     num_examples: int = 10000
+    pgd_examples: int = 0  # PGD on the first N of num_examples; 0: all
     steps: int = 100
     restarts: int = 20
     sweep_examples: int = 1000
@@ -147,13 +148,14 @@ def train_model(dataset: str, model: str, protocol: Protocol, root: str, data_di
 def evaluation_configs(dataset: str, protocol: Protocol, paths: list[str]) -> dict[str, Any]:
     """The settings of each evaluation in EVALUATIONS of the models `paths` (in ROWS order)."""
     table = evaluation.EvalConfig(dataset=dataset, num_examples=protocol.num_examples, steps=protocol.steps,
-                                  restarts=protocol.restarts, seed=protocol.seed, certify=True)
+                                  restarts=protocol.restarts, seed=protocol.seed, certify=True,
+                                  pgd_examples=protocol.pgd_examples or None)
     return {
         "table": table,
-        "sweep": dataclasses.replace(table, num_examples=protocol.sweep_examples,
+        "sweep": dataclasses.replace(table, num_examples=protocol.sweep_examples, pgd_examples=None,
                                      eps_sweep=evaluation.parse_eps_sweep(SWEEP), restarts=1),
         # A control for BIM: the margin loss, which has no fallback (see attacks.ce_falls_back).
-        "bim_margin": dataclasses.replace(table, attacks=("bim",), loss="cw", certify=False),
+        "bim_margin": dataclasses.replace(table, attacks=("bim",), loss="cw", certify=False, pgd_examples=None),
         "adaptive": adaptive.AdaptiveConfig(dataset=dataset, num_examples=protocol.adaptive_examples, seed=protocol.seed,
                                             pgd_steps=protocol.steps, pgd_restarts=protocol.restarts,
                                             apgd_iterations=protocol.apgd_iterations,
@@ -324,6 +326,7 @@ def _run_record(model_path: str) -> tuple[Config, list[dict]] | None:
 
 def _flags(paths: list[str], config: evaluation.EvalConfig, output_dir: str) -> list[str]:
     out = [f"--model_path={','.join(paths)}", f"--dataset={config.dataset}", f"--num_examples={config.num_examples}",
+           *([f"--pgd_examples={config.pgd_examples}"] if config.pgd_examples else []),
            f"--steps={config.steps}", f"--restarts={config.restarts}", f"--seed={config.seed}", f"--output_dir={output_dir}"]
     if config.eps_sweep:
         out.append(f"--eps_sweep={SWEEP}")
@@ -472,8 +475,10 @@ def table_lines(result: dict, title: str = "") -> list[str]:
     """One dataset's table: the schedule and budgets it comes from, the paper's cells beside ours,
     then the adaptive and certified columns. `title` follows the dataset's name in the heading."""
     table, suite = result["table"], result["adaptive"]
+    pgd = table["config"].get("pgd_examples")
+    pgd = f"PGD: the first {pgd}; " if pgd and pgd < table["num_examples"] else ""
     lines = [f"## {table['dataset']}{title}, eps = {table['eps']:g}, {table['num_examples']} test images "
-             f"(adaptive: the first {suite['num_examples']})", "",
+             f"({pgd}adaptive: the first {suite['num_examples']})", "",
              f"Training: {training_note(result['training'])}. "
              f"Budgets: table {budget_note(table)}; adaptive {budget_note(suite)}.", "",
              "| model | clean | FGSM | BIM | PGD | adaptive | certified |", "|---|---|---|---|---|---|---|"]

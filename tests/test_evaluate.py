@@ -150,6 +150,25 @@ def test_results_md_rows_have_as_many_cells_as_their_header_with_certified_and_p
     _check_tables(table)
 
 
+def test_pgd_on_the_first_images_only_and_the_others_on_all(workdir, tmp_path):
+    config = evaluation.EvalConfig(**{**SMALL, "batch_size": 4}, pgd_examples=4, certify=True)
+    results = evaluation.evaluate([workdir], config, output_dir=str(tmp_path / "subset"))
+    (model,) = results["models"]
+    examples = {r["attack"]: r["examples"] for r in model["runs"]}
+    assert examples == {"fgsm": 10, "bim": 10, "pgd": 4}
+    # PGD's accuracy is over its 4 images: the same as attacking only those 4 with the same seed.
+    alone = evaluation.evaluate([workdir], dataclasses.replace(config, num_examples=4, pgd_examples=None),
+                                output_dir=str(tmp_path / "alone"))
+    assert model["accuracy"]["pgd"] == alone["models"][0]["accuracy"]["pgd"]
+    assert "on the first 4 images" in results["attacks"]["pgd"]
+    table = (tmp_path / "subset" / "results.md").read_text()
+    assert "on the first 10 test images (PGD: the first 4)" in table
+    _check_tables(table)
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="pgd_examples"):
+            evaluation.EvalConfig(**SMALL, pgd_examples=bad)
+
+
 def test_evaluate_rejects_bad_inputs(workdir, tmp_path):
     config = evaluation.EvalConfig(**SMALL)
     with pytest.raises(ValueError, match="required"):
@@ -256,6 +275,11 @@ def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
     assert evaluation.finished_results(output_dir, [str(tmp_path / "pretrained" / "mnist_baseline.keras")], config) is None
     assert evaluation.finished_results(output_dir, [here], dataclasses.replace(config, num_examples=10)) is None
     assert evaluation.finished_results(output_dir, [here], config, partial=True) is None  # no partial results there
+    # Written before pgd_examples existed: PGD ran on every image, which is what None asks for.
+    del written["config"]["pgd_examples"]
+    runfiles.write_json(os.path.join(output_dir, "results.json"), written)
+    assert evaluation.finished_results(output_dir, [here], config) is not None
+    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(config, pgd_examples=10)) is None
     # The adaptive suite's transfer source likewise, though its config holds it as given (here: relative).
     suite = adaptive.AdaptiveConfig(dataset="mnist", transfer_from="pretrained/full_protocol/mnist_baseline.keras")
     runfiles.write_json(os.path.join(output_dir, "results.json"), {

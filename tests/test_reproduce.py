@@ -13,8 +13,8 @@ from polar_tf import reproduce, runfiles
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="one backend suffices for the pipeline")
 def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_path, mnist_subset_dir):
     protocol = reproduce.Protocol(epochs_per_stage=1, train_examples=128, adv_epochs_per_stage=2, adv_steps=2,
-                                  num_examples=40, steps=2, restarts=1, sweep_examples=20, adaptive_examples=20,
-                                  apgd_iterations=2, square_queries=4)
+                                  num_examples=40, pgd_examples=30, steps=2, restarts=1, sweep_examples=20,
+                                  adaptive_examples=20, apgd_iterations=2, square_queries=4)
     assert not protocol.is_paper and reproduce.Protocol().is_paper
     root, results = str(tmp_path / "runs"), str(tmp_path / "results")
     report, pretrained = str(tmp_path / "REPRODUCTION.md"), str(tmp_path / "pretrained")
@@ -29,6 +29,8 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
         assert f"| {row} | " in text
     assert "/ 99.40 (" in text and "accuracy_vs_eps.png" in text
     assert "| model | clean | FGSM | BIM | PGD | adaptive | certified |" in text
+    assert "## mnist, eps = 0.3, 40 test images (PGD: the first 30; adaptive: the first 20)" in text
+    assert "--num_examples=40 --pgd_examples=30 --steps=2" in text
     for model in ("baseline", "adversarial", "polarized"):
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.keras"))
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.metrics.jsonl"))
