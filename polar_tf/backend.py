@@ -134,7 +134,7 @@ def compile_attack_loop(
 
     How the loop is compiled, by backend and device:
       - TensorFlow: a `tf.function` with a `tf.range` loop; XLA only on a GPU (on the CPU the same
-        loop under XLA was 10-25x slower, see KERAS_NOTES.md);
+        loop under XLA was 10-25x slower, measured on the 2-core CPU);
       - JAX on an accelerator: one `jax.jit` with a `lax.fori_loop`;
       - JAX on the CPU: a Python loop over one jitted gradient step (4x faster there than
         `fori_loop`); the last forward pass is one more step whose update is discarded.

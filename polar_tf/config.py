@@ -1,6 +1,7 @@
 """The one home of every hyperparameter.
 
-Defaults follow the original implementation (see METHOD.md of the project):
+Defaults follow the original implementation (the paper's code: its hyperparameters, schedule and
+initialisation, compared detail by detail in README's "Fidelity of training"):
 
     python train.py --dataset=mnist            # c = 0.5, eps = 0.3, 60 epochs, ~99% clean
     python train.py --dataset=fashion_mnist    # c = 0.3, eps = 0.1

@@ -1,4 +1,7 @@
-"""Figures of the paper, written as PNG files with matplotlib (Agg, no display needed)."""
+"""Figures of the paper, written as PNG files with matplotlib.
+
+Figures are built as `matplotlib.figure.Figure` objects, not through pyplot: they need no display
+and no backend choice, and none is kept open in a global registry."""
 
 from __future__ import annotations
 
@@ -6,11 +9,8 @@ import os
 from typing import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 DIVERGING = "RdBu_r"
 # Hollow markers of different shapes stay visible where curves overlap or a curve has two points.
@@ -39,7 +39,7 @@ def plot_filters(kernel: np.ndarray, path: str, title: str = "") -> Figure:
     k, _, _, count = kernel.shape
     side = int(np.ceil(np.sqrt(count)))
     scale = float(np.max(np.abs(kernel))) or 1.0
-    fig, axes = plt.subplots(side, side, figsize=(1.2 * side, 1.2 * side + 0.4))
+    fig, axes = subplots(side, side, figsize=(1.2 * side, 1.2 * side + 0.4))
     for i, ax in enumerate(np.ravel(axes)):
         ax.set_axis_off()
         if i < count:
@@ -51,7 +51,7 @@ def plot_filters(kernel: np.ndarray, path: str, title: str = "") -> Figure:
 
 def plot_histogram(counts: np.ndarray, edges: np.ndarray, jump: float, path: str, title: str = "") -> Figure:
     """Histogram of the normalized front-end outputs z, with the jumps +-c marked."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.stairs(counts / max(counts.sum(), 1), edges, fill=True, color="tab:blue")
     for c in (-jump, jump):
         # One legend entry for the pair.
@@ -64,11 +64,17 @@ def plot_histogram(counts: np.ndarray, edges: np.ndarray, jump: float, path: str
     return save_figure(fig, path)
 
 
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], squeeze: bool = True,
+             layout: str | None = None):
+    """A new figure and its grid of axes, as `pyplot.subplots` gives them."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def save_figure(fig: Figure, path: str) -> Figure:
-    """Writes the PNG and closes the figure; returns it so that tests can inspect its artists."""
+    """Writes the PNG; returns the figure so that tests can inspect its artists."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return fig
 
 
@@ -92,12 +98,12 @@ def plot_accuracy_vs_eps(
       title: the figure's title.
 
     Returns:
-      The (closed) figure.
+      The figure.
     """
     names = list(dict.fromkeys(name for by_name in curves.values() for name in by_name))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     one_model = len(curves) == 1
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     drawn = []  # (model, name, eps values, accuracies) of the curves already on the axes
     for m, (model, by_name) in enumerate(curves.items()):
         for name, (eps_values, accuracy) in by_name.items():
@@ -148,7 +154,7 @@ def plot_adversarial_examples(
     headers = ["original", "attacked", "attacked - original"]
     if maps is not None:
         headers += [f"filter {channel}: original", f"filter {channel}: attacked"]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         count, len(headers), figsize=(2.1 * len(headers) + 1.0, 1.9 * count + 0.6), squeeze=False,
         layout="constrained",  # Makes room for the colour bars beside their columns.
     )
@@ -179,7 +185,7 @@ def plot_frontend_maps(image: np.ndarray, maps: np.ndarray, path: str, title: st
     """An image [rows, cols, 1] and its K front-end output maps [rows, cols, K] on a grid."""
     count = maps.shape[-1]
     side = int(np.ceil(np.sqrt(count)))
-    fig, axes = plt.subplots(side, side + 1, figsize=(1.3 * (side + 1), 1.3 * side + 0.5), squeeze=False)
+    fig, axes = subplots(side, side + 1, figsize=(1.3 * (side + 1), 1.3 * side + 0.5), squeeze=False)
     for ax in np.ravel(axes):
         ax.set_axis_off()
     axes[0, 0].imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)

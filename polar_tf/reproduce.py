@@ -344,7 +344,11 @@ def _training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
 
     A shipped model has its config and metrics beside it (pretrained/<name>.config.json and
     .metrics.jsonl) and no figures of its own: the ones copied when it was trained are kept."""
-    config, records = _run_record(model_path)
+    record = _run_record(model_path)
+    if record is None:
+        raise ValueError(f"{model_path} has no training record (config.json and metrics.jsonl) beside it or in its "
+                         "run folder: the report cannot say how it was trained")
+    config, records = record
     figures_dir = _copy_figures(workdir, config, results_dir)
     figures = sorted(os.listdir(figures_dir)) if os.path.isdir(figures_dir) else []
     return {

@@ -212,4 +212,7 @@ class MetricsLog:
         write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def append(self, record: dict[str, Any]) -> None:
-        write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*self.read(), record]))
+        # One short write at the end of the file: a kill leaves the earlier lines as they were.
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -118,22 +118,20 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     if config.model == "adversarial":
         loss, accuracy = _adversarial_epoch(model, config, epoch, x_epoch, y_epoch)
         return _epoch_record(phase, loss, accuracy, time.perf_counter() - start, len(x))
-    history = model.fit(
-        x_epoch,
-        y_epoch,
-        batch_size=config.batch_size,
-        epochs=epoch + 1,
-        initial_epoch=epoch,
-        shuffle=False,
-        verbose=verbose,
-        callbacks=[stop := _StopOnNaN()],
-    )
-    seconds = time.perf_counter() - start
-    if stop.bad_step is not None:
-        raise FloatingPointError(
-            f"the loss became {history.history['loss'][-1]} at epoch {epoch}, batch {stop.bad_step}; "
-            "the checkpoints of earlier epochs are kept"
+    try:
+        history = model.fit(
+            x_epoch,
+            y_epoch,
+            batch_size=config.batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=False,
+            verbose=verbose,
+            callbacks=[keras.callbacks.TerminateOnNaN(raise_error=True)],
         )
+    except RuntimeError as error:  # TerminateOnNaN's: "NaN or Inf loss encountered at batch N. ..."
+        raise FloatingPointError(f"at epoch {epoch}: {error} The checkpoints of earlier epochs are kept.") from None
+    seconds = time.perf_counter() - start
     return _epoch_record(phase, history.history["loss"][-1], history.history[FIT_ACCURACY][-1], seconds, len(x))
 
 
@@ -262,19 +260,6 @@ def _resume(config: Config, workdir: str, stage: int) -> tuple[keras.Model | Non
         compile_for_stage(model, config, stage, model.optimizer)
         return model, latest[0] + 1
     return None, epochs[0]
-
-
-class _StopOnNaN(keras.callbacks.Callback):
-    """Stops fit at the first batch whose loss is not finite and remembers which one."""
-
-    def __init__(self):
-        super().__init__()
-        self.bad_step = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs and not np.isfinite(float(logs["loss"])):
-            self.bad_step = batch
-            self.model.stop_training = True
 
 
 def train_and_evaluate(

@@ -30,7 +30,6 @@ if __name__ == "__main__":
     cli.quiet_startup()  # Before the imports below load Keras and TensorFlow, which logs while it loads.
 
 import keras  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -227,7 +226,7 @@ def trajectory_table(result: dict) -> str:
 
 
 def _plot_series(result: dict, path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plots.subplots(1, 2, figsize=(11, 3.8))
     series = [(f"{run['name']} (c = {run['config']['jump']:g})", run["by_epoch"]) for run in result["runs"]]
     if result["reference"]:
         series.append((f"original (c = {result['reference']['jump']:g})", result["reference"]["by_epoch"]))
@@ -244,7 +243,7 @@ def _plot_series(result: dict, path: str) -> None:
 
 
 def _plot_filters(epochs: list[int], kernels: dict[str, dict[int, np.ndarray]], path: str, dataset: str) -> None:
-    fig, axes = plt.subplots(len(kernels), len(epochs), figsize=(1.6 * len(epochs), 1.8 * len(kernels)), squeeze=False)
+    fig, axes = plots.subplots(len(kernels), len(epochs), figsize=(1.6 * len(epochs), 1.8 * len(kernels)), squeeze=False)
     for r, (name, by_epoch) in enumerate(kernels.items()):
         for c, epoch in enumerate(epochs):
             ax = axes[r][c]

@@ -194,7 +194,7 @@ def test_nan_loss_stops_with_epoch_and_batch_and_keeps_checkpoints(tmp_path, mni
         return (x, y), test
 
     monkeypatch.setattr(data, "load_dataset", poisoned)
-    with pytest.raises(FloatingPointError, match=r"the loss became nan at epoch 1, batch 0"):
+    with pytest.raises(FloatingPointError, match=r"at epoch 1: NaN or Inf loss encountered at batch 0"):
         training.train_and_evaluate(config, workdir, "2", mnist_subset_dir)
     with open(stage1, "rb") as f:
         assert f.read() == stage1_bytes

@@ -13,17 +13,6 @@ from polar_tf.config import Config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_filter_stats_by_hand():
-    kernel = np.zeros((5, 5, 1, 3), np.float32)
-    kernel[2, 2, 0, 0] = -3.0  # one pixel: concentration 1, L1 3
-    kernel[:, :, 0, 1] = 0.5  # uniform: 1/25, L1 12.5
-    kernel[0, 0, 0, 2], kernel[4, 4, 0, 2] = 3.0, -1.0  # 3/4, L1 4
-    stats = monitoring.filter_stats(kernel)
-    assert stats["filter_concentrations"] == pytest.approx([1.0, 0.04, 0.75])
-    assert stats["filter_concentration"] == pytest.approx(0.75)  # the median
-    assert stats["filter_l1_mean"] == pytest.approx((3 + 12.5 + 4) / 3)
-
-
 def test_histogram_fraction_near_jump_by_hand():
     counts = np.zeros(100)  # bins of width 0.02 on [-1, 1]; bin i covers [-1 + 0.02 i, -1 + 0.02 (i + 1)]
     counts[60] = 10  # [0.2, 0.22]: inside [0.3 - 0.1, 0.3 + 0.1]
