@@ -39,3 +39,21 @@ def mnist_subset_dir(tmp_path_factory, mnist):
         write_idx(str(folder / f"{split}-images-idx3-ubyte"), pixels, 0x803)
         write_idx(str(folder / f"{split}-labels-idx1-ubyte"), y[:n].astype(np.uint8), 0x801)
     return str(folder.parent)
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    """3000 MNIST training images and the first 100 test images."""
+    from polar_tf import data
+
+    (x_train, y_train), (x_test, y_test) = data.load_dataset("mnist", train_examples=3000)
+    return x_train, y_train, x_test[:100], y_test[:100]
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(mnist_small):
+    """An undefended MLP trained for a few seconds (~90% on the test images)."""
+    import small_models
+
+    x_train, y_train, _, _ = mnist_small
+    return small_models.train(small_models.mlp(0), x_train, y_train)

@@ -1,0 +1,65 @@
+"""Tests of polar_tf.apgd: the DLR losses by hand, APGD's checkpoints, APGD-T's aim, its tracing."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+import small_models
+from polar_tf import apgd, models
+
+
+def test_dlr_loss_values_and_invariance():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0], [5.0, 1.0, 2.0, 4.0]], np.float32)
+    y = np.array([0, 0], np.int32)
+    got = ops.convert_to_numpy(apgd.dlr_loss(logits, y))
+    # -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3): -(1 - 3) / (3 - 1) and -(5 - 4) / (5 - 2).
+    np.testing.assert_allclose(got, [1.0, -1.0 / 3.0], rtol=1e-6)
+    np.testing.assert_allclose(ops.convert_to_numpy(apgd.dlr_loss(3.0 * logits + 7.0, y)), got, rtol=1e-5)
+
+def test_dlr_targeted_loss_values_and_invariance():
+    logits = np.array([[1.0, 3.0, 2.0, 0.0, -1.0], [5.0, 1.0, 2.0, 4.0, 0.0]], np.float32)
+    y, target = np.array([0, 0], np.int32), np.array([2, 3], np.int32)
+    got = ops.convert_to_numpy(apgd.dlr_targeted_loss(logits, y, target))
+    # -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2): -(1 - 2) / (3 - (1 + 0) / 2), -(5 - 4) / (5 - (2 + 1) / 2).
+    np.testing.assert_allclose(got, [1.0 / 2.5, -1.0 / 3.5], rtol=1e-6)
+    shifted = apgd.dlr_targeted_loss(3.0 * logits + 7.0, y, target)
+    np.testing.assert_allclose(ops.convert_to_numpy(shifted), got, rtol=1e-5)
+
+def test_apgd_t_maximizes_the_targeted_loss_towards_the_runner_up(trained_mlp, mnist_small):
+    """With one target class, APGD-T attacks each example's clean runner-up class: on the examples
+    it does not fool, it raised that targeted loss above the clean one, and further than APGD-CE
+    (which is not aimed at it) did."""
+    _, _, x, y = mnist_small
+    correct = models.predict_labels(trained_mlp, x) == y
+    x, y = x[correct], y[correct]
+    runner_up = np.argsort(-trained_mlp.predict(x, verbose=0), axis=1)[:, 1]
+
+    def targeted_loss(images):
+        return ops.convert_to_numpy(apgd.dlr_targeted_loss(trained_mlp.predict(images, verbose=0), y, runner_up))
+
+    eps = 0.05  # small enough that many examples survive
+    x_t = apgd.apgd(trained_mlp, x, y, eps=eps, iterations=20, loss="dlr-t", target_classes=1)
+    x_ce = apgd.apgd(trained_mlp, x, y, eps=eps, iterations=20, loss="ce")
+    survived = models.predict_labels(trained_mlp, x_t) == y
+    assert 10 <= survived.sum() < len(y)  # neither vacuous nor toothless
+    clean, towards, untargeted = targeted_loss(x)[survived], targeted_loss(x_t)[survived], targeted_loss(x_ce)[survived]
+    assert np.all(towards > clean)
+    assert towards.mean() > untargeted.mean()
+
+def test_apgd_checkpoints_are_the_papers():
+    assert [i + 1 for i, _ in apgd.checkpoints(100)] == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert [w for _, w in apgd.checkpoints(100)] == [22, 19, 16, 13, 10, 7, 6, 6]
+    assert apgd.checkpoints(5) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+
+
+def test_eps_zero_returns_x_and_apgd_traces_once(trained_mlp, mnist_small):
+    _, _, x, y = mnist_small
+    np.testing.assert_array_equal(apgd.apgd(trained_mlp, x, y, eps=0.0, iterations=3), x)
+    model = small_models.mlp(2)  # fresh: counts its own traces
+    model.set_weights(trained_mlp.get_weights())
+    compiled = apgd.compiled_apgd(model, "ce")
+    apgd.apgd(model, x, y, eps=0.1, iterations=3, restarts=3, batch_size=40)
+    # Start and iteration, one batch shape: the last batch and later restarts (fewer examples) padded.
+    assert compiled.traces == 2
+    with pytest.raises(ValueError, match="loss"):
+        apgd.apgd(model, x, y, eps=0.1, loss="cw")
