@@ -154,8 +154,10 @@ def evaluation_configs(dataset: str, protocol: Protocol, paths: list[str]) -> di
         "table": table,
         "sweep": dataclasses.replace(table, num_examples=protocol.sweep_examples, pgd_examples=None,
                                      eps_sweep=evaluation.parse_eps_sweep(SWEEP), restarts=1),
-        # A control for BIM: the margin loss, which has no fallback (see attacks.ce_falls_back).
-        "bim_margin": dataclasses.replace(table, attacks=("bim",), loss="cw", certify=False, pgd_examples=None),
+        # A control for BIM: the margin loss, which has no fallback (see attacks.ce_falls_back); on
+        # the images PGD attacks, where the table attacks some with BIM only.
+        "bim_margin": dataclasses.replace(table, attacks=("bim",), loss="cw", certify=False, pgd_examples=None,
+                                          num_examples=protocol.pgd_examples or protocol.num_examples),
         "adaptive": adaptive.AdaptiveConfig(dataset=dataset, num_examples=protocol.adaptive_examples, seed=protocol.seed,
                                             pgd_steps=protocol.steps, pgd_restarts=protocol.restarts,
                                             apgd_iterations=protocol.apgd_iterations,
@@ -588,8 +590,10 @@ def _gap_notes(result: dict, protocol: Protocol) -> list[str]:
             moved = max(budget["base_accuracy"] - v for v in budget["doubled_accuracy"].values())
             facts.append(f"doubling PGD's restarts or APGD's iterations lowered accuracy by {100 * moved:.1f} points "
                          f"(noise level {100 * budget['noise_level']:.1f}) on {budget['examples']} images")
-        facts.append(f"BIM with the margin loss instead of the cross-entropy leaves {100 * control['accuracy']['bim']:.1f}% "
-                     f"(the cross-entropy takes the reference's MSE fallback on {100 * control['ce_fallback_fraction']:.1f}% "
+        subset = (f" on the first {result['bim_margin']['num_examples']} images"
+                  if result["bim_margin"]["num_examples"] < table["num_examples"] else "")
+        facts.append(f"BIM with the margin loss instead of the cross-entropy leaves {100 * control['accuracy']['bim']:.1f}%"
+                     f"{subset} (the cross-entropy takes the reference's MSE fallback on {100 * control['ce_fallback_fraction']:.1f}% "
                      "of the clean images)")
         facts.append(f"per-example worst case of the adaptive suite {100 * worst['worst_case_accuracy']:.1f}% "
                      f"(on the first {suite['num_examples']} images)")

@@ -65,6 +65,9 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     # Tiny models miss the paper's cells; the report lists what was measured about each of them.
     assert "Cells outside the tolerance" in text
     assert "BIM with the margin loss instead of the cross-entropy leaves" in text
+    assert "% on the first 30 images (the cross-entropy takes" in text  # the control runs where PGD does
+    with open(os.path.join(results, "mnist_bim_margin", "results.json")) as f:
+        assert json.load(f)["num_examples"] == 30
     assert os.path.isfile(os.path.join(results, "mnist_bim_margin", "results.json"))
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
     outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in reproduce.EVALUATIONS]
