@@ -3,6 +3,8 @@ r"""Trains a model of the paper with the staged schedule.
   python train.py --dataset=mnist                   # all 3 stages, 60 epochs
   python train.py --dataset=mnist --stage=2         # stage 2 from the stage-1 checkpoint
   python train.py --dataset=fashion_mnist --epochs_per_stage=1 --train_examples=5000
+  python train.py --dataset=mnist --certified_training   # stage 3 on the IBP loss: runs/mnist_polarized_certified
+  python train.py --dataset=mnist --model=baseline --certified_training
 
 TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
 with one line `train.py: error: ...` (exit 1), Ctrl-C with `train.py: interrupted` (exit 130).
@@ -12,12 +14,15 @@ from polar_tf import cli
 
 cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports below load it.
 
+import dataclasses  # noqa: E402
+
 from absl import app, flags  # noqa: E402
 
 from polar_tf import training  # noqa: E402
 from polar_tf.config import BACKWARDS, CLASSIFIER_INITS, MODELS, Config  # noqa: E402
 
 FLAGS = flags.FLAGS
+_DEFAULT = {field.name: field.default for field in dataclasses.fields(Config)}
 
 
 def define_flags() -> None:
@@ -39,6 +44,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("adv_steps", 40, "PGD steps per batch of adversarial training.")
     flags.DEFINE_float("adv_step_size", None, "Their size (default eps / 30 * 40 / adv_steps: a reach of 4/3 eps).")
     flags.DEFINE_integer("adv_warmup_epochs", 0, "Epochs over which adversarial training ramps eps up (0: none).")
+    flags.DEFINE_float("sigma2", _DEFAULT["sigma2"], "Width of the stage-2 regularizer B2.")
+    flags.DEFINE_bool("certified_training", False, "Train stage 3 (one-stage models: every epoch) on the IBP loss.")
+    flags.DEFINE_float("ibp_eps", None, "eps the certified loss ramps up to (default: --eps).")
+    flags.DEFINE_integer("ibp_warmup_epochs", _DEFAULT["ibp_warmup_epochs"], "Certified epochs at eps 0, kappa 1 before the ramp.")
+    flags.DEFINE_integer("ibp_ramp_epochs", None, "Epochs of the eps and kappa ramps (default: half the certified epochs).")
+    flags.DEFINE_float("ibp_kappa_final", _DEFAULT["ibp_kappa_final"], "Weight of the clean loss after the ramp.")
     flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
     flags.DEFINE_string("export_dir", None, "Also write the trained model as a TensorFlow SavedModel here.")
     flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
@@ -66,8 +77,15 @@ def main(argv):
             adv_steps=FLAGS.adv_steps,
             adv_step_size=FLAGS.adv_step_size,
             adv_warmup_epochs=FLAGS.adv_warmup_epochs,
+            sigma2=FLAGS.sigma2,
+            certified_training=FLAGS.certified_training,
+            ibp_eps=FLAGS.ibp_eps,
+            ibp_warmup_epochs=FLAGS.ibp_warmup_epochs,
+            ibp_ramp_epochs=FLAGS.ibp_ramp_epochs,
+            ibp_kappa_final=FLAGS.ibp_kappa_final,
         )
-        workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}"
+        suffix = "_certified" if config.certified_training else ""
+        workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}{suffix}"
         model = training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)
         if FLAGS.export_dir:
             from polar_tf import export  # Lazy: needs TensorFlow.

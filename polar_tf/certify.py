@@ -16,8 +16,15 @@ state of the front end's saturation switch:
      count of outputs with |z -+ c| <= eps, an upper bound on it);
   2. interval: the set of possible front-end outputs (or, for a model without a saturating
      first layer, the input box) is propagated through the classifier with interval bound
-     propagation (IBP); the image is certified if the lower bound of the true logit exceeds the
-     upper bound of every other logit. Every image certified by 1 is certified by 2.
+     propagation (IBP) up to the last layer, whose bounds are taken on the logit differences
+     logit_y - logit_j directly (the last layer "elided" into the specification, Gowal et al.
+     2018: never looser than the lower bound of logit_y minus the upper bound of logit_j); the
+     image is certified if every such difference is bounded above 0. Every image certified by 1
+     is certified by 2.
+
+The interval rules and `margin_bounds` are written with keras.ops and are what certified training
+(`polar_tf.certified_training`) differentiates inside its compiled train step: the bounds a model
+is trained on are computed by the same code as the bounds it is certified with.
 
 The saturating first layer is the polarizing front end ("frontend" certificates) or the
 direct-quantization `Saturation` on the pixels ("quantize" certificates). Models with neither
@@ -332,6 +339,11 @@ def _margins(lo: np.ndarray, hi: np.ndarray, y: np.ndarray) -> np.ndarray:
     return lo[rows, y] - others.max(axis=1)
 
 
+def _min_other(margins: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """min over j != y of margins[:, j]."""
+    return np.where(np.arange(margins.shape[1]) == y[:, None], np.inf, margins).min(axis=1)
+
+
 def _tolerance(*bounds: np.ndarray) -> np.ndarray:
     scale = np.max([np.abs(b).max(axis=1) for b in bounds], axis=0)
     return LOGIT_TOLERANCE * np.maximum(1.0, scale)
@@ -340,6 +352,61 @@ def _tolerance(*bounds: np.ndarray) -> np.ndarray:
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
+
+
+def propagate(layers, lo, hi):
+    """Interval bound propagation through a chain of supported layers.
+
+    Args:
+      layers: the layers in order (`check_supported` gives them for a model).
+      lo, hi: bounds of the first layer's input, batched tensors.
+
+    Returns:
+      (lo, hi), tensors bounding the last layer's output.
+    """
+    for layer in layers:
+        lo, hi = layer_interval(layer, lo, hi)
+    return lo, hi
+
+
+def _elidable(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.layers.Dense) and layer.activation is keras.activations.linear
+
+
+def margin_bounds(layers, lo, hi, y):
+    """Lower bounds of logit_y - logit_j over the box, for every class j, and bounds of the logits.
+
+    Interval propagation runs up to the last layer. If that is a linear Dense layer (W, b), each
+    difference (W_y - W_j) . h + b_y - b_j is bounded directly by the centre/radius rule over the
+    box of its input h (the last layer "elided", Gowal et al. 2018), which is exact for that layer
+    and never looser than lo(logit_y) - hi(logit_j); otherwise the latter is used.
+
+    Args:
+      layers: the model's layers in order, from the one that takes the box.
+      lo, hi: bounds of the first layer's input, batched tensors.
+      y: integer labels [B].
+
+    Returns:
+      (margins, logit_lo, logit_hi): margins [B, classes] with 0 at the label's column; the plain
+      interval bounds of the logits [B, classes] (their size sets certify's float tolerance).
+    """
+    *body, last = layers
+    lo, hi = propagate(body, lo, hi)
+    logit_lo, logit_hi = layer_interval(last, lo, hi)
+    classes = logit_lo.shape[-1]
+    label = ops.one_hot(ops.convert_to_tensor(y, dtype="int32"), classes, dtype=logit_lo.dtype)
+    if _elidable(last):
+        kernel = ops.convert_to_tensor(last.kernel)
+        # diff[b, :, j] = W[:, y_b] - W[:, j]: one small [B, units, classes] tensor per batch.
+        diff = ops.expand_dims(ops.matmul(label, ops.transpose(kernel)), 2) - kernel
+        centre, radius = (lo + hi) * 0.5, (hi - lo) * 0.5
+        margins = ops.einsum("bn,bnc->bc", centre, diff) - ops.einsum("bn,bnc->bc", radius, ops.abs(diff))
+        if last.use_bias:
+            bias = ops.convert_to_tensor(last.bias)
+            margins = margins + ops.sum(label * bias, axis=1, keepdims=True) - bias
+    else:
+        margins = ops.sum(label * logit_lo, axis=1, keepdims=True) - logit_hi
+    return ops.where(label > 0, 0.0, margins), logit_lo, logit_hi
 
 
 def interval_bounds(model: keras.Model, x: np.ndarray, eps: float, batch_size: int = 500):
@@ -359,9 +426,7 @@ def interval_bounds(model: keras.Model, x: np.ndarray, eps: float, batch_size: i
 
 
 def _propagate(layers, lo, hi):
-    for layer in layers:
-        lo, hi = layer_interval(layer, lo, hi)
-    return ops.convert_to_numpy(lo), ops.convert_to_numpy(hi)
+    return tuple(ops.convert_to_numpy(b) for b in propagate(layers, lo, hi))
 
 
 def _forward(layers, x):
@@ -465,9 +530,9 @@ def _certify_batch(layers: list, source: str, x: np.ndarray, y: np.ndarray, eps:
     if len(todo):
         # Padded to a multiple of _BUCKET rows by repeating one: JAX compiles each new shape.
         padded = np.resize(todo, -(-len(todo) // _BUCKET) * _BUCKET)
-        logit_lo, logit_hi = _propagate(classifier, ops.take(lo, padded, axis=0), ops.take(hi, padded, axis=0))
-        logit_lo, logit_hi = logit_lo[: len(todo)], logit_hi[: len(todo)]
-        margin[todo] = _margins(logit_lo, logit_hi, y[todo])
+        bounds = margin_bounds(classifier, ops.take(lo, padded, axis=0), ops.take(hi, padded, axis=0), y[padded])
+        margins, logit_lo, logit_hi = (ops.convert_to_numpy(b)[: len(todo)] for b in bounds)
+        margin[todo] = _min_other(margins, y[todo])
         ibp[todo] = margin[todo] > _tolerance(logit_lo, logit_hi)
     return {"clean_correct": correct, "changeable": changeable_count, "near": near_count,
             "exact": exact, "ibp": ibp, "margin": margin}

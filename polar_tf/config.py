@@ -76,6 +76,15 @@ class Config:
       adv_warmup_epochs: epochs over which adversarial training ramps its eps (and step size)
         linearly up to eps, batch by batch; 0 (Madry et al.) attacks at the full eps from the start.
         A short budget at MNIST's eps 0.3 can collapse to a constant prediction without it.
+      certified_training: train with interval bound propagation (`polar_tf.certified_training`):
+        the polarized model's stage 3 (front end frozen, saturation on), or every epoch of the
+        baseline and direct_quant models, minimizes kappa * CE(clean) + (1 - kappa) * CE(worst case).
+      ibp_eps: the eps certified training ramps up to; None: eps.
+      ibp_warmup_epochs: certified epochs at the start trained with eps 0 and kappa 1 (plain
+        training on the clean loss) before the ramp.
+      ibp_ramp_epochs: epochs over which eps rises linearly from 0 to ibp_eps and kappa from 1 to
+        ibp_kappa_final, batch by batch (Gowal et al. 2018); None: half the certified epochs.
+      ibp_kappa_final: kappa after the ramp (0.5, Gowal et al.).
     """
 
     dataset: str = "mnist"
@@ -102,6 +111,11 @@ class Config:
     adv_steps: int = 40
     adv_step_size: float | None = None
     adv_warmup_epochs: int = 0
+    certified_training: bool = False
+    ibp_eps: float | None = None
+    ibp_warmup_epochs: int = 0
+    ibp_ramp_epochs: int | None = None
+    ibp_kappa_final: float = 0.5
 
     def __post_init__(self):
         _check_choice("dataset", self.dataset, DATASETS)
@@ -136,6 +150,30 @@ class Config:
             raise ValueError(f"reg_max_weight must be >= 0. Received: reg_max_weight={self.reg_max_weight}")
         if not 0.0 < self.lr_decay_epoch <= 1.0:
             raise ValueError(f"lr_decay_epoch must be in (0, 1]. Received: lr_decay_epoch={self.lr_decay_epoch}")
+        if self.certified_training:
+            self._check_certified_training()
+
+    def _check_certified_training(self) -> None:
+        if self.model == "adversarial":
+            raise ValueError("certified_training applies to the polarized, baseline and direct_quant models. "
+                             "Received: model='adversarial'")
+        if self.ibp_eps is None:
+            object.__setattr__(self, "ibp_eps", self.eps)
+        if self.ibp_ramp_epochs is None:
+            object.__setattr__(self, "ibp_ramp_epochs", max(1, self.certified_epochs // 2))
+        if not (isinstance(self.ibp_eps, (int, float)) and 0.0 <= self.ibp_eps <= 1.0):
+            raise ValueError(f"ibp_eps must be in [0, 1]. Received: ibp_eps={self.ibp_eps}")
+        if not (isinstance(self.ibp_warmup_epochs, int) and self.ibp_warmup_epochs >= 0):
+            raise ValueError(f"ibp_warmup_epochs must be an integer >= 0. Received: ibp_warmup_epochs={self.ibp_warmup_epochs}")
+        if not (isinstance(self.ibp_ramp_epochs, int) and self.ibp_ramp_epochs > 0):
+            raise ValueError(f"ibp_ramp_epochs must be a positive integer. Received: ibp_ramp_epochs={self.ibp_ramp_epochs}")
+        if self.ibp_warmup_epochs + self.ibp_ramp_epochs > self.certified_epochs:
+            raise ValueError(
+                f"ibp_warmup_epochs + ibp_ramp_epochs must not exceed the epochs of certified training ({self.certified_epochs}). "
+                f"Received: ibp_warmup_epochs={self.ibp_warmup_epochs}, ibp_ramp_epochs={self.ibp_ramp_epochs}"
+            )
+        if not (isinstance(self.ibp_kappa_final, (int, float)) and 0.0 <= self.ibp_kappa_final <= 1.0):
+            raise ValueError(f"ibp_kappa_final must be in [0, 1]. Received: ibp_kappa_final={self.ibp_kappa_final}")
 
     @property
     def num_stages(self) -> int:
@@ -146,6 +184,12 @@ class Config:
     def total_epochs(self) -> int:
         """Every model trains for the same number of epochs (3 stages' worth)."""
         return 3 * self.epochs_per_stage
+
+    @property
+    def certified_epochs(self) -> int:
+        """Epochs trained with the certified loss when certified_training is on: the polarized
+        model's stage 3, every epoch of the others."""
+        return self.epochs_per_stage if self.model == "polarized" else self.total_epochs
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)

@@ -7,11 +7,16 @@ With E = epochs_per_stage (20 in the paper), for the polarized model:
 Every model trains 3E epochs with Adam; lr is divided by 10 for the epochs after epoch
 round(lr_decay_epoch * 3E) (epochs 51-59 of 60, as in the original). The baseline and
 direct-quantization models have one stage.
+
+With certified_training, stage 3 (or every epoch of a one-stage model) trains on the interval
+bound propagation loss instead, with eps and kappa ramped as `certified_ramp` says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+from keras import ops
 
 from polar_tf.config import Config
 
@@ -27,6 +32,7 @@ class Phase:
     saturate: bool
     frontend_trainable: bool
     lr: float
+    certified: bool = False  # trained with the interval bound propagation loss
 
 
 def stage_epochs(config: Config, stage: int) -> range:
@@ -50,11 +56,35 @@ def phase(config: Config, epoch: int) -> Phase:
         raise ValueError(f"epoch must be in [0, {config.total_epochs}). Received: epoch={epoch}")
     lr = lr_at(config, epoch)
     if config.model != "polarized":
-        return Phase(epoch, 1, "none", 0.0, False, True, lr)
+        return Phase(epoch, 1, "none", 0.0, False, True, lr, config.certified_training)
     e = config.epochs_per_stage
     stage = epoch // e + 1
     if stage == 1:
         return Phase(epoch, 1, "b1", config.reg_max_weight * epoch / e, False, True, lr)
     if stage == 2:
         return Phase(epoch, 2, "b2", config.reg_max_weight * (epoch - e) / e, False, True, lr)
-    return Phase(epoch, 3, "none", 0.0, True, False, lr)
+    return Phase(epoch, 3, "none", 0.0, True, False, lr, config.certified_training)
+
+
+def certified_start(config: Config) -> int:
+    """The first epoch of certified training (stage 3's, or 0 for a one-stage model)."""
+    return config.total_epochs - config.certified_epochs
+
+
+def certified_ramp(config: Config, epochs_done):
+    """(eps, kappa) of the certified loss after `epochs_done` epochs of certified training.
+
+    Gowal et al.'s ramps: ibp_warmup_epochs at eps 0 and kappa 1, then over ibp_ramp_epochs eps
+    rises linearly to ibp_eps and kappa falls linearly to ibp_kappa_final; both then stay.
+
+    Args:
+      config: a config with certified_training on.
+      epochs_done: epochs since certified training began, fractional (batches / batches per
+        epoch): a Python float or a scalar tensor (the train step computes it per batch).
+
+    Returns:
+      (eps, kappa), scalar tensors.
+    """
+    done = ops.convert_to_tensor(epochs_done, dtype="float32")
+    progress = ops.clip((done - config.ibp_warmup_epochs) / config.ibp_ramp_epochs, 0.0, 1.0)
+    return config.ibp_eps * progress, 1.0 - (1.0 - config.ibp_kappa_final) * progress

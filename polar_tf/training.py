@@ -16,11 +16,12 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, data, models, monitoring, plots, runfiles, schedule
+from polar_tf import attacks, certified_training, data, models, monitoring, plots, runfiles, schedule
 from polar_tf.config import Config
 
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
 FIT_ACCURACY = "fit_accuracy"  # Keras' accuracy metric, as its progress bar and metrics.jsonl name it
+CERTIFY_EVAL_EXAMPLES = 1000  # certified test accuracy of certified-training epochs is measured on these
 
 
 def parse_stages(config: Config, stage: str) -> list[int]:
@@ -86,12 +87,16 @@ def compile_for_stage(
     model.compile(
         optimizer=_optimizer(model, config, previous),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        # Named apart from the saturated model's train accuracy, which the epoch line also prints:
-        # this is the model as trained (the stage's saturation switch), averaged over the epoch.
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name=FIT_ACCURACY)],
+        metrics=_fit_metrics(),
         steps_per_execution=config.steps_per_execution,
         jit_compile=config.jit_compile,
     )
+
+
+def _fit_metrics() -> list[keras.metrics.Metric]:
+    # Named apart from the saturated model's train accuracy, which the epoch line also prints:
+    # this is the model as trained (the stage's saturation switch), averaged over the epoch.
+    return [keras.metrics.SparseCategoricalAccuracy(name=FIT_ACCURACY)]
 
 
 def apply_phase(model: keras.Model, phase: schedule.Phase) -> None:
@@ -118,8 +123,10 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     if config.model == "adversarial":
         loss, accuracy = _adversarial_epoch(model, config, epoch, x_epoch, y_epoch)
         return _epoch_record(phase, loss, accuracy, time.perf_counter() - start, len(x))
+    # Certified epochs fit a wrapper that shares the model's variables and optimizer.
+    fitted = certified_training.trainer(model, config, epoch, len(x), _fit_metrics()) if phase.certified else model
     try:
-        history = model.fit(
+        history = fitted.fit(
             x_epoch,
             y_epoch,
             batch_size=config.batch_size,
@@ -132,7 +139,11 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     except RuntimeError as error:  # TerminateOnNaN's: "NaN or Inf loss encountered at batch N. ..."
         raise FloatingPointError(f"at epoch {epoch}: {error} The checkpoints of earlier epochs are kept.") from None
     seconds = time.perf_counter() - start
-    return _epoch_record(phase, history.history["loss"][-1], history.history[FIT_ACCURACY][-1], seconds, len(x))
+    record = _epoch_record(phase, history.history["loss"][-1], history.history[FIT_ACCURACY][-1], seconds, len(x))
+    if phase.certified:
+        record.update(certified_training.ramp_record(config, epoch, len(x)))
+        record[certified_training.VERIFIED_FIT_ACCURACY] = float(history.history[certified_training.VERIFIED_FIT_ACCURACY][-1])
+    return record
 
 
 def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: float, images: int) -> dict:
@@ -194,6 +205,9 @@ def _epoch_report(model, config: Config, record: dict, train, test, tensorboard)
     (x_train, y_train), (x_test, y_test) = train, test
     record["train_accuracy"] = models.accuracy(model, x_train[:TRAIN_EVAL_EXAMPLES], y_train[:TRAIN_EVAL_EXAMPLES])
     record["test_accuracy"] = models.accuracy(model, x_test, y_test)
+    if "ibp_eps" in record:
+        n = CERTIFY_EVAL_EXAMPLES
+        record["certified_test_accuracy"] = certified_training.certified_accuracy(model, x_test[:n], y_test[:n], config.eps)
     histograms, images = {}, {}
     if models.get_frontend(model) is not None:
         z = np.concatenate(list(models.frontend_outputs(model, x_train[: monitoring.MONITOR_EXAMPLES])))
@@ -215,7 +229,9 @@ def epoch_summary(config: Config, record: dict[str, Any], has_frontend: bool) ->
     fit_accuracy (the number on Keras' progress bar) is the model as trained: with the stage's
     saturation switch (off in stages 1 and 2) or on PGD inputs, averaged over the epoch's batches
     while the weights move. train acc and test acc are measured after the epoch on the model as
-    evaluated: saturated, where there is a front end.
+    evaluated: saturated, where there is a front end. A certified-training epoch adds eps and kappa
+    of its last batch, the fraction of its batches' images whose bound proved them correct at
+    that eps (verified_fit_accuracy) and the certified test accuracy at config.eps.
     """
     if config.model == "adversarial":
         trained_as = "on PGD inputs, "
@@ -223,11 +239,18 @@ def epoch_summary(config: Config, record: dict[str, Any], has_frontend: bool) ->
         trained_as = "saturated, " if record["saturate"] else "unsaturated, "
     else:
         trained_as = ""
+    certified = ""
+    if "ibp_eps" in record:
+        certified = (
+            f"; IBP at eps {record['ibp_eps']:.3f}, kappa {record['ibp_kappa']:.3f}: "
+            f"{certified_training.VERIFIED_FIT_ACCURACY} {record[certified_training.VERIFIED_FIT_ACCURACY]:.4f}; "
+            f"certified test acc {record['certified_test_accuracy']:.4f} at eps {config.eps:g}"
+        )
     return (
         f"epoch {record['epoch']} stage {record['stage']}: loss {record['loss']:.4f}, "
         f"{FIT_ACCURACY} {record[FIT_ACCURACY]:.4f} ({trained_as}mean over the epoch's batches); "
         f"{'saturated model: ' if has_frontend else ''}train acc {record['train_accuracy']:.4f}, "
-        f"test acc {record['test_accuracy']:.4f}; {record['images_per_second']:.0f} img/s"
+        f"test acc {record['test_accuracy']:.4f}{certified}; {record['images_per_second']:.0f} img/s"
     )
 
 

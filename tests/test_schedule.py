@@ -55,3 +55,27 @@ def test_one_stage_models_train_all_epochs_without_regularizer():
 def test_epoch_out_of_range():
     with pytest.raises(ValueError, match="Received: epoch=60"):
         schedule.phase(Config(), 60)
+
+
+def test_certified_training_replaces_stage_3_or_every_epoch_of_a_one_stage_model():
+    polarized = Config(epochs_per_stage=2, certified_training=True)
+    assert [schedule.phase(polarized, e).certified for e in range(6)] == [False] * 4 + [True] * 2
+    assert [schedule.phase(polarized, e).frontend_trainable for e in range(4, 6)] == [False, False]
+    assert schedule.certified_start(polarized) == 4
+    baseline = Config(model="baseline", epochs_per_stage=2, certified_training=True)
+    assert [schedule.phase(baseline, e).certified for e in range(6)] == [True] * 6
+    assert schedule.certified_start(baseline) == 0
+    assert not any(schedule.phase(Config(epochs_per_stage=2), e).certified for e in range(6))
+
+
+@pytest.mark.parametrize(
+    "epochs_done, eps, kappa",
+    [(0.0, 0.0, 1.0), (1.0, 0.0, 1.0), (1.5, 0.1, 0.875), (2.0, 0.2, 0.75), (3.0, 0.4, 0.5), (3.5, 0.4, 0.5)],
+)
+def test_certified_ramp_is_gowal_et_als(epochs_done, eps, kappa):
+    # 1 warm-up epoch at eps 0 and kappa 1, then 2 epochs of linear ramps to eps 0.4 and kappa 0.5.
+    config = Config(epochs_per_stage=4, certified_training=True, ibp_eps=0.4, ibp_warmup_epochs=1, ibp_ramp_epochs=2)
+    got_eps, got_kappa = schedule.certified_ramp(config, epochs_done)
+    # float32 arithmetic on values of order 1: within a few ulps.
+    assert float(got_eps) == pytest.approx(eps, abs=1e-6)
+    assert float(got_kappa) == pytest.approx(kappa, abs=1e-6)
