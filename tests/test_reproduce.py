@@ -156,3 +156,44 @@ def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_t
     assert f"--workdir={workdir} --epochs_per_stage=1 --train_examples=128" in summary["command"]
     runfiles.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
     assert reproduce._shipped(str(pretrained), config, workdir) is None
+
+
+def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_readme_block(tmp_path):
+    runs = {}
+    for name, config in (("ibp", reproduce.Config(dataset="mnist", model="polarized", certified_training=True,
+                                                  ibp_ramp_epochs=5)),
+                         ("plain", reproduce.Config(dataset="mnist", model="polarized"))):
+        workdir = tmp_path / "runs" / name
+        runfiles.write_json(str(workdir / "config.json"), config.to_dict())
+        log = runfiles.MetricsLog(str(workdir / "metrics.jsonl"))
+        for epoch in range(config.total_epochs):
+            log.append({"epoch": epoch, "stage": 1 + epoch // config.epochs_per_stage})
+        runs[name] = str(workdir / "stage3.keras")
+    common = {"dataset": "mnist", "eps": 0.3, "num_examples": 1000, "total_seconds": 60.0, "backend": "tensorflow",
+              "device": "CPU"}
+    certified = [{"eps": 0.3, "certified_accuracy": {"frontend": 0.2, "interval_from_frontend": 0.875}}]
+    table = {**common, "command": "python evaluate.py --certify", "output_dir": str(tmp_path / "table"),
+             "config": dataclasses.asdict(reproduce.evaluation.EvalConfig(certify=True)),
+             "models": [{"path": runs["ibp"], "label": "ibp/stage3", "clean_accuracy": 0.98,
+                         "accuracy": {"fgsm": 0.95, "bim": 0.93, "pgd": 0.92}, "certified": certified},
+                        {"path": runs["plain"], "label": "plain/stage3", "clean_accuracy": 0.99,
+                         "accuracy": {"fgsm": 0.9, "bim": 0.8, "pgd": 0.75},
+                         "certified": [{"eps": 0.3, "certified_accuracy": {"interval_from_frontend": 0.0}}]}]}
+    suite = {**common, "command": "python evaluate.py --suite=adaptive", "output_dir": str(tmp_path / "adaptive"),
+             "suite": "adaptive", "config": dataclasses.asdict(reproduce.adaptive.AdaptiveConfig()),
+             "models": [{"path": runs["ibp"], "label": "ibp/stage3", "clean_accuracy": 0.98, "worst_case_accuracy": 0.9}]}
+    for name, results in (("table", table), ("adaptive", suite)):
+        runfiles.write_json(str(tmp_path / name / "results.json"), results)
+    text = reproduce.certified_markdown(reproduce.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive"))),
+                                        str(tmp_path))
+    rows = text.splitlines()
+    assert ("| mnist | 0.3 | ibp/stage3 | IBP, stage 3: eps 0 to 0.3 and kappa 1 to 0.5 over 5 epochs | 60 | 98.00 | 92.00 "
+            "| 90.00 | 87.50 |") in rows
+    assert "| mnist | 0.3 | plain/stage3 | the paper's schedule | 60 | 99.00 | 75.00 | - | 0.00 |" in rows
+    assert "- `python evaluate.py --certify` (1000 test images, budgets the paper's, 60 s;" in text
+    assert reproduce.certified_markdown(reproduce.further_runs(()), str(tmp_path)) == ""
+    readme = tmp_path / "README.md"
+    start, end = reproduce.CERTIFIED_README_MARKERS
+    readme.write_text(f"# Certified training\n{start}\nold\n{end}\nafter\n")
+    assert reproduce._replace_block(str(readme), reproduce.CERTIFIED_README_MARKERS, ["new", ""])
+    assert readme.read_text() == f"# Certified training\n{start}\nnew\n{end}\nafter\n"
