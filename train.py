@@ -3,6 +3,7 @@ r"""Trains a model of the paper with the staged schedule.
   python train.py --dataset=mnist                   # all 3 stages, 60 epochs
   python train.py --dataset=mnist --stage=2         # stage 2 from the stage-1 checkpoint
   python train.py --dataset=fashion_mnist --epochs_per_stage=1 --train_examples=5000
+  KERAS_BACKEND=jax python train.py --dataset=mnist --distribute=data_parallel   # every GPU (BUILD.md)
 
 TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
 with one line `train.py: error: ...` (exit 1), Ctrl-C with `train.py: interrupted` (exit 130).
@@ -14,7 +15,7 @@ cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports be
 
 from absl import app, flags  # noqa: E402
 
-from polar_tf import training  # noqa: E402
+from polar_tf import parallel, training  # noqa: E402
 from polar_tf.config import BACKWARDS, CLASSIFIER_INITS, MODELS, Config  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -42,6 +43,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
     flags.DEFINE_string("export_dir", None, "Also write the trained model as a TensorFlow SavedModel here.")
     flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
+    flags.DEFINE_enum("distribute", "none", list(parallel.CHOICES),
+                      "data_parallel: split each batch across all devices and hosts (JAX backend; BUILD.md).")
 
 
 def main(argv):
@@ -68,7 +71,9 @@ def main(argv):
             adv_warmup_epochs=FLAGS.adv_warmup_epochs,
         )
         workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}"
-        model = training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)
+        model = training.train_and_evaluate(
+            config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose, distribute=FLAGS.distribute
+        )
         if FLAGS.export_dir:
             from polar_tf import export  # Lazy: needs TensorFlow.
 
