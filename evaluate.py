@@ -6,6 +6,7 @@ r"""Attacks trained models with FGSM, BIM and PGD; writes a robustness report an
       --attacks=fgsm,bim,pgd --eps=0.1 --restarts=20 --steps=100
   python evaluate.py --model_path=a.keras,b.keras --dataset=mnist --eps_sweep=0:0.4:0.02 --num_examples=1000
   python evaluate.py --suite=adaptive --model_path=runs/mnist_polarized --transfer_from=runs/mnist_baseline
+  KERAS_BACKEND=jax python evaluate.py --model_path=runs/mnist_polarized --distribute=data_parallel  # every GPU
 
 Writes results.json, results.md and PNG figures into --output_dir (default: the first model's
 training run folder, or runs/evaluate/<name> for a model outside one, e.g. a shipped one) and
@@ -30,7 +31,7 @@ cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports be
 
 from absl import app, flags  # noqa: E402
 
-from polar_tf import adaptive, attacks, evaluation, square  # noqa: E402
+from polar_tf import adaptive, attacks, evaluation, parallel, square  # noqa: E402
 from polar_tf.config import BACKWARDS  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -68,6 +69,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("quick", False, "Reduced budgets that finish in about a minute on a CPU (a first try, not the "
                       "paper's protocol); explicit flags override them.")
     flags.DEFINE_bool("allow_dataset_mismatch", False, "Evaluate on --dataset even if a model was trained on another.")
+    flags.DEFINE_enum("distribute", "none", list(parallel.CHOICES),
+                      "data_parallel: split the attacks' and certify's batches across all devices (JAX backend; BUILD.md).")
 
 
 def main(argv):
@@ -110,7 +113,11 @@ def main(argv):
         print(evaluation.results_markdown(results), end="")
         print(f"\nResults and plots in {results['output_dir']}")
 
-    cli.run_main(PROGRAM, body)
+    def distributed_body():
+        with parallel.scope(FLAGS.distribute):  # Before the models load: their weights go to every device.
+            body()
+
+    cli.run_main(PROGRAM, distributed_body)
 
 
 # --quick: budgets that finish in about a minute on a 2-core CPU, to try the commands; not the

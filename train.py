@@ -5,6 +5,7 @@ r"""Trains a model of the paper with the staged schedule.
   python train.py --dataset=fashion_mnist --epochs_per_stage=1 --train_examples=5000
   python train.py --dataset=mnist --certified_training   # stage 3 on the IBP loss: runs/mnist_polarized_certified
   python train.py --dataset=mnist --model=baseline --certified_training
+  KERAS_BACKEND=jax python train.py --dataset=mnist --distribute=data_parallel   # every GPU (BUILD.md)
 
 TensorFlow's start-up logs are hidden; POLAR_TF_VERBOSE=1 shows them. Bad flags and values end
 with one line `train.py: error: ...` (exit 1), Ctrl-C with `train.py: interrupted` (exit 130).
@@ -18,7 +19,7 @@ import dataclasses  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from polar_tf import training  # noqa: E402
+from polar_tf import parallel, training  # noqa: E402
 from polar_tf.config import BACKWARDS, CLASSIFIER_INITS, MODELS, Config  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -53,6 +54,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps_per_execution", 1, "Train steps per compiled call (speed only).")
     flags.DEFINE_string("export_dir", None, "Also write the trained model as a TensorFlow SavedModel here.")
     flags.DEFINE_integer("verbose", 2, "Keras fit output: 0 silent, 1 progress bar, 2 a line per epoch.")
+    flags.DEFINE_enum("distribute", "none", list(parallel.CHOICES),
+                      "data_parallel: split each batch across all devices and hosts (JAX backend; BUILD.md).")
 
 
 def main(argv):
@@ -86,7 +89,9 @@ def main(argv):
         )
         suffix = "_certified" if config.certified_training else ""
         workdir = FLAGS.workdir or f"runs/{config.dataset}_{config.model}{suffix}"
-        model = training.train_and_evaluate(config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose)
+        model = training.train_and_evaluate(
+            config, workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose, distribute=FLAGS.distribute
+        )
         if FLAGS.export_dir:
             from polar_tf import export  # Lazy: needs TensorFlow.
 

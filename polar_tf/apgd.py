@@ -46,7 +46,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from polar_tf import attacks, backend, progress
+from polar_tf import attacks, backend, models, progress
 
 LOSSES = ("ce", "dlr", "dlr-t")
 DEFAULT_ITERATIONS = 100
@@ -260,7 +260,7 @@ def apgd(
     title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {len(runs)} runs" if len(runs) > 1 else "")
     bar = progress.bar(f"{title}, {iterations} iterations", n * len(runs), "run" if len(runs) > 1 else "example")
     with attacks.saturated(model):
-        logits = model.predict(x, batch_size=batch_size, verbose=0)
+        logits = models.predict_logits(model, x, batch_size)
         fooled = np.argmax(logits, axis=1) != y  # Already adversarial: x itself.
         ranked = np.argsort(-logits, axis=1, kind="stable")
         if targeted and ranked.shape[1] < max(target_classes + 1, 4):

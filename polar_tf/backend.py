@@ -1,4 +1,5 @@
-"""The only backend-specific code: gradients with respect to the input, and compiled attack loops.
+"""The only backend-specific code: gradients with respect to the input, compiled attack loops, and
+data parallelism (the devices a batch is split across, and how arrays are placed on them).
 
 Everything else is written with `keras.ops` and runs on TensorFlow and JAX alike. TensorFlow and
 JAX are imported lazily, so the package imports on machines that have only one of them.
@@ -6,6 +7,7 @@ JAX are imported lazily, so the package imports on machines that have only one o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import weakref
@@ -86,7 +88,14 @@ def attack_steps_per_call() -> int | None:
 
 
 def device_description() -> str:
-    """The device that computes, in words, e.g. "NVIDIA H100 80GB HBM3" or "CPU: AMD EPYC (2 cores)"."""
+    """The device that computes, in words, e.g. "NVIDIA H100 80GB HBM3" or "CPU: AMD EPYC (2 cores)";
+    in a data-parallel run followed by how many devices, e.g. ", data-parallel over 8 devices"."""
+    replicas = replica_count()
+    spread = f", data-parallel over {replicas} devices" if replicas > 1 else ""
+    return _one_device_description() + spread
+
+
+def _one_device_description() -> str:
     backend = name()
     if backend == "jax":
         import jax
@@ -227,13 +236,11 @@ def _jax_attack_loop(model_ref, objective, update, on_trace, whole_loop: bool):
         return jax.value_and_grad(total, has_aux=True)(x_adv)
 
     def arguments(x, y, x_start, eps, step_size):
-        return (
-            jnp.asarray(x, jnp.float32),
-            jnp.asarray(y, jnp.int32),
-            jnp.asarray(x_start, jnp.float32),
-            jnp.asarray(eps, jnp.float32),
-            jnp.asarray(step_size, jnp.float32),
+        """The loop's arguments, the batch split across the devices of a data-parallel run."""
+        batch = _jax_place_batch(
+            [np.asarray(x, np.float32), np.asarray(y, np.int32), np.asarray(x_start, np.float32)]
         )
+        return (*batch, jnp.asarray(eps, jnp.float32), jnp.asarray(step_size, jnp.float32))
 
     if whole_loop:
 
@@ -250,9 +257,9 @@ def _jax_attack_loop(model_ref, objective, update, on_trace, whole_loop: bool):
             return x_adv, objective(logits, y), logits
 
         def run(x, y, x_start, eps, step_size, steps):
-            trainable, non_trainable = _variable_values(model_ref)
+            trainable, non_trainable = _jax_replicate(_variable_values(model_ref))
             outputs = loop(trainable, non_trainable, *arguments(x, y, x_start, eps, step_size), jnp.int32(steps))
-            return tuple(np.asarray(o) for o in outputs)
+            return tuple(_jax_fetch(o, len(x)) for o in outputs)
 
         return run
 
@@ -264,12 +271,13 @@ def _jax_attack_loop(model_ref, objective, update, on_trace, whole_loop: bool):
         return update(x_adv, gradient, x, eps, step_size), losses, logits
 
     def run(x, y, x_start, eps, step_size, steps):
-        trainable, non_trainable = _variable_values(model_ref)
+        n = len(x)
+        trainable, non_trainable = _jax_replicate(_variable_values(model_ref))
         x, y, x_adv, eps, step_size = arguments(x, y, x_start, eps, step_size)
         for _ in range(steps):
             x_adv, _, _ = step(trainable, non_trainable, x_adv, x, y, eps, step_size)
         _, losses, logits = step(trainable, non_trainable, x_adv, x, y, eps, step_size)
-        return np.asarray(x_adv), np.asarray(losses), np.asarray(logits)
+        return _jax_fetch(x_adv, n), _jax_fetch(losses, n), _jax_fetch(logits, n)
 
     return run
 
@@ -344,3 +352,160 @@ def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[
 
         return jax_run
     raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
+
+
+# ----------------------------------------------------------------------------- data parallelism
+#
+# A data-parallel run splits every batch across all devices of the default kind (GPUs or TPUs, else
+# the CPU's), on every host, with the model's variables replicated on each: the global batch's
+# gradient is the one a single device computes, up to the order of float sums. Every collective
+# is Keras' or the backend's own.
+
+_hosts_initialized = False
+
+
+@contextlib.contextmanager
+def data_parallel():
+    """Runs the block data-parallel over every device of the default kind, on every host.
+
+    JAX: `keras.distribution.DataParallel` over `keras.distribution.list_devices()`, set for the
+    block. Where $KERAS_DISTRIBUTION_NUM_PROCESSES is above 1, `keras.distribution.initialize()`
+    first joins the processes (it reads $KERAS_DISTRIBUTION_JOB_ADDRESSES, the coordinator's
+    address, and $KERAS_DISTRIBUTION_PROCESS_ID too), once per process. Keras objects made in the block (models built or loaded, optimizers) have their
+    variables replicated on all devices, `fit` splits each batch across them, and the attack loops
+    (`compile_attack_loop`), `predict` and `place_rows` place batches the same way. Each process
+    feeds `fit` its own rows (`polar_tf.parallel.epoch_rows`), so datasets are not auto-sharded.
+
+    Raises:
+      ValueError: on the TensorFlow backend: Keras 3's distribution API is JAX-only there.
+    """
+    backend = name()
+    if backend != "jax":
+        raise ValueError(
+            f"data-parallel runs need the JAX backend (keras.distribution is JAX-only in Keras 3); "
+            f"run with KERAS_BACKEND=jax. Received: backend {backend!r}"
+        )
+    global _hosts_initialized
+    processes = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")
+    if not processes.isdigit() or int(processes) < 1:
+        raise ValueError(f"KERAS_DISTRIBUTION_NUM_PROCESSES must be a positive integer. Received: {processes!r}")
+    if not _hosts_initialized and int(processes) > 1:
+        keras.distribution.initialize()
+        _hosts_initialized = True
+    distribution = keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices(), auto_shard_dataset=False
+    )
+    with distribution.scope():
+        yield
+
+
+def replica_count() -> int:
+    """How many devices each batch is split across: all of a data-parallel run's, else 1."""
+    distribution = keras.distribution.distribution() if name() == "jax" else None
+    return 1 if distribution is None else int(distribution.device_mesh.devices.size)
+
+
+def process_count() -> int:
+    """How many processes (hosts) a data-parallel run spans: 1 outside one."""
+    if name() != "jax" or keras.distribution.distribution() is None:
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def process_index() -> int:
+    """This process's index among `process_count()` (0 outside a data-parallel run)."""
+    if name() != "jax" or keras.distribution.distribution() is None:
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def place_rows(x: np.ndarray):
+    """A batch ready for eager `keras.ops` computations, split across the devices of a
+    single-process data-parallel run (rows padded with zeros to a multiple of `replica_count()`),
+    which then compute their rows each; elsewhere x unchanged. Cut results back to len(x)."""
+    shardings = _jax_shardings()
+    if shardings is None or process_count() > 1:  # Several processes: each computes every row.
+        return x
+    return _jax_place_batch([np.asarray(x)])[0]
+
+
+def predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's outputs on x as a NumPy array, `model.predict` but for data-parallel runs.
+
+    In a data-parallel run each batch is padded to a multiple of `replica_count()` (Keras' predict
+    needs every batch, the last one included, to split evenly) and split across the devices; the
+    outputs are gathered on every host (Keras' predict cannot fetch them across hosts).
+    """
+    if _jax_shardings() is None:
+        return model.predict(x, batch_size=batch_size, verbose=0)
+    forward = _JAX_FORWARD.get(model)
+    if forward is None:
+        import jax
+
+        model_ref = weakref.ref(model)
+        forward = _JAX_FORWARD[model] = jax.jit(lambda t, nt, x: _forward(model_ref, t, nt, x))
+    trainable, non_trainable = _jax_replicate(_variable_values(weakref.ref(model)))
+    parts = []
+    for start in range(0, len(x), batch_size):
+        rows = x[start : start + batch_size]
+        parts.append(_jax_fetch(forward(trainable, non_trainable, *_jax_place_batch([rows])), len(rows)))
+    return np.concatenate(parts) if parts else np.zeros((0, *model.output_shape[1:]), np.float32)
+
+
+_JAX_FORWARD: "weakref.WeakKeyDictionary[keras.Model, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _jax_shardings():
+    """(batch split across the devices, replicated on each) of the active data-parallel run, or None."""
+    if name() != "jax":
+        return None
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = distribution.device_mesh.backend_mesh
+    return NamedSharding(mesh, PartitionSpec(distribution.batch_dim_name)), NamedSharding(mesh, PartitionSpec())
+
+
+def _jax_place_batch(arrays: list[np.ndarray]) -> list:
+    """Equal-length NumPy arrays as JAX arrays; in a data-parallel run padded with zero rows to a
+    multiple of the devices and split across them. Every process holds the whole batch."""
+    import jax
+    import jax.numpy as jnp
+
+    shardings = _jax_shardings()
+    if shardings is None:
+        return [jnp.asarray(a) for a in arrays]
+    padding = -len(arrays[0]) % replica_count()
+    placed = []
+    for a in arrays:
+        if padding:
+            a = np.concatenate([a, np.zeros((padding, *a.shape[1:]), a.dtype)])
+        placed.append(jax.make_array_from_callback(a.shape, shardings[0], lambda index, a=a: a[index]))
+    return placed
+
+
+def _jax_replicate(values):
+    """The model's variable values replicated on every device of a data-parallel run (a no-op for
+    variables made inside it, which already are)."""
+    shardings = _jax_shardings()
+    if shardings is None:
+        return values
+    import jax
+
+    return jax.device_put(values, shardings[1])
+
+
+def _jax_fetch(array, rows: int) -> np.ndarray:
+    """A batched JAX array as NumPy on this host (gathered from the others if split across hosts),
+    its first `rows` rows: without the padding of `_jax_place_batch`."""
+    if not (array.is_fully_addressable or array.is_fully_replicated):
+        from jax.experimental import multihost_utils
+
+        array = multihost_utils.process_allgather(array, tiled=True)
+    return np.asarray(array)[:rows]

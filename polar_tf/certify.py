@@ -55,7 +55,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from polar_tf import progress
+from polar_tf import backend, progress
 from polar_tf.frontend import PolarizingFrontEnd, Saturation, saturate
 
 Z_MARGIN = 1e-5
@@ -473,7 +473,11 @@ def certify(model: keras.Model, x: np.ndarray, y: np.ndarray, eps: float, batch_
     bar = progress.bar(f"certify eps={eps:g}: {len(x)} examples", len(x), "example", ("certified",))
     parts, certified = [], 0
     for rows in _batches(len(x), batch_size):
-        parts.append(_certify_batch(layers, source, x[rows], y[rows], float(eps)))
+        # In a data-parallel run the batch is split across the devices (padded with zero rows).
+        placed = backend.place_rows(x[rows])
+        labels = np.concatenate([y[rows], np.zeros(len(placed) - len(y[rows]), y.dtype)])
+        part = _certify_batch(layers, source, placed, labels, float(eps))
+        parts.append({key: value[: len(y[rows])] for key, value in part.items()})
         certified += int(parts[-1]["ibp"].sum())
         bar.update(rows.stop, [("certified", certified / rows.stop)])
     merged = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0) for key in _BATCH_KEYS}

@@ -382,7 +382,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
     clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
     with attacks.saturated(model):
-        fallback = float(np.mean(attacks.ce_falls_back(model.predict(x, batch_size=1000, verbose=0), y)))
+        fallback = float(np.mean(attacks.ce_falls_back(models.predict_logits(model, x, 1000), y)))
     adversarial = None
     survives = {}  # eps -> per example, correct under every attack run at that eps
     for eps in config.eps_values:

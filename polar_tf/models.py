@@ -7,6 +7,7 @@ from typing import Iterator
 import keras
 import numpy as np
 
+from polar_tf import backend
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 
@@ -102,8 +103,12 @@ def frontend_outputs(model: keras.Model, x: np.ndarray, batch_size: int = 1000) 
 
 def predict_labels(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Predicted classes of `x`, with the model as it is (saturation switch included)."""
-    logits = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.argmax(logits, axis=-1)
+    return np.argmax(predict_logits(model, x, batch_size), axis=-1)
+
+
+def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """The model's logits on x, with the model as it is; split across devices in a data-parallel run."""
+    return backend.predict(model, x, batch_size)
 
 
 def correct(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> np.ndarray:

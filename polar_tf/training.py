@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, certified_training, data, models, monitoring, plots, runfiles, schedule
+from polar_tf import attacks, backend, certified_training, data, models, monitoring, parallel, plots, runfiles, schedule
 from polar_tf.config import Config
 
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
@@ -117,7 +117,7 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     trained, averaged over the epoch's batches), wall time and images/s."""
     phase = schedule.phase(config, epoch)
     apply_phase(model, phase)
-    order = epoch_permutation(config, epoch, len(x))
+    order = parallel.epoch_rows(epoch_permutation(config, epoch, len(x)), config.batch_size)
     x_epoch, y_epoch = x[order], y[order]
     start = time.perf_counter()
     if config.model == "adversarial":
@@ -129,7 +129,7 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
         history = fitted.fit(
             x_epoch,
             y_epoch,
-            batch_size=config.batch_size,
+            batch_size=parallel.local_batch_size(config.batch_size),
             epochs=epoch + 1,
             initial_epoch=epoch,
             shuffle=False,
@@ -286,7 +286,8 @@ def _resume(config: Config, workdir: str, stage: int) -> tuple[keras.Model | Non
 
 
 def train_and_evaluate(
-    config: Config, workdir: str, stage: str = "all", data_dir: str | None = None, verbose: int = 0
+    config: Config, workdir: str, stage: str = "all", data_dir: str | None = None, verbose: int = 0,
+    distribute: str = "none",
 ) -> keras.Model | None:
     """Runs the schedule's `stage` ("1", "2", "3" or "all") and writes everything into workdir.
 
@@ -301,10 +302,21 @@ def train_and_evaluate(
       stage: which stage(s) to run; stage N > 1 starts from stage N-1's checkpoint in workdir.
       data_dir: folder of IDX files (see `polar_tf.data.load`).
       verbose: Keras' progress output for fit (0 silent, 1 progress bar, 2 one line).
+      distribute: "none" (one device) or "data_parallel": each batch of `config.batch_size` split
+        across all devices (and hosts), see `polar_tf.parallel`; checkpoints of either kind resume
+        under the other.
 
     Returns:
       The model after the last stage run (loaded from its checkpoint if already complete).
     """
+    with parallel.scope(distribute):
+        parallel.check_batch_size(config.batch_size)
+        if config.model == "adversarial" and backend.process_count() > 1:
+            raise ValueError("adversarial training runs on the devices of one host; it does not span several processes")
+        return _train_and_evaluate(config, workdir, stage, data_dir, verbose)
+
+
+def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str | None, verbose: int) -> keras.Model | None:
     stages = parse_stages(config, stage)
     if stages[0] > 1:
         _previous_checkpoint(config, workdir, stages[0])  # Fail before loading any data.

@@ -52,6 +52,8 @@ def _last_line(result):
         (["--jump=0"], "train.py: error: jump must be in (0, 1). Received: jump=0.0"),
         (["--epochs_per_stage=-1"], "train.py: error: epochs_per_stage must be a positive integer. Received: epochs_per_stage=-1"),
         (["--data_dir=/nonexistent/data"], "train.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"),
+        # This pass's backend, TensorFlow, has no keras.distribution.
+        (["--distribute=data_parallel"], "train.py: error: data-parallel runs need the JAX backend"),
     ],
 )
 def test_train_py_rejects_bad_flags(tmp_path, args, expected):
