@@ -352,11 +352,6 @@ def has_saturation(model: keras.Model) -> bool:
     return any(isinstance(layer, (PolarizingFrontEnd, Saturation)) for layer in model.layers)
 
 
-def _correct(model: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    with attacks.saturated(model):
-        return models.predict_labels(model, x, 1000) == y
-
-
 def _timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     return fn(), time.perf_counter() - start
@@ -387,14 +382,14 @@ def evaluate_model(
     eps = float(config.eps)
     backwards = config.backwards if has_saturation(model) else config.backwards[:1]
     targets = {b: attacks.with_backward(model, b, config.steepness) for b in backwards}
-    clean = _correct(model, x, y)
+    clean = models.correct(model, x, y)
     logging.info("%s: clean accuracy %.4f on %d images", label, clean.mean(), len(x))
     runs = {} if runs is None else runs
     correct: dict[str, np.ndarray] = {}
 
     def record(key, kind, x_adv, seconds, backward=None, **extra):
         attacks.check_adversarial(x_adv, x, eps)
-        correct[key] = _correct(model, x_adv, y)
+        correct[key] = models.correct(model, x_adv, y)
         runs[key] = {"attack": kind, "backward": backward, "accuracy": float(correct[key].mean()),
                      "seconds": seconds, "description": describe(kind, config, eps), **extra}
         logging.info("%s: %s accuracy %.4f (%.1f s)", label, key, runs[key]["accuracy"], seconds)
@@ -484,7 +479,7 @@ def _sanity_checks(targets, x, y, eps, config: AdaptiveConfig, clean, correct, r
         survived = {}
         for backward, target in targets.items():
             for name in ("apgd-ce", "apgd-dlr"):
-                survived[(name, backward)] = _correct(model, run_gradient_attack(name, target, xs, ys, e, config), ys)
+                survived[(name, backward)] = models.correct(model, run_gradient_attack(name, target, xs, ys, e, config), ys)
         curve[e] = float(worst_case(clean[:m], survived).mean())
     checks = [check_eps_to_half(curve, m)]
     # more_budget: APGD-CE (first backward) with twice the iterations, and with twice the restarts.
@@ -496,7 +491,7 @@ def _sanity_checks(targets, x, y, eps, config: AdaptiveConfig, clean, correct, r
     ):
         x_adv = run_gradient_attack("apgd-ce", model, xs, ys, eps, config, **overrides)
         attacks.check_adversarial(x_adv, xs, eps)
-        doubled[label] = float(_correct(model, x_adv, ys).mean())
+        doubled[label] = float(models.correct(model, x_adv, ys).mean())
     checks.append(check_more_budget(float(correct[base_key][:m].mean()), doubled, m))
     gradient = {k: correct[k] for k in runs if runs[k]["attack"] in GRADIENT_ATTACKS}
     checks.append(check_gradient_free(correct["square"], gradient, escalation))

@@ -259,7 +259,7 @@ def apgd(
         [(r, 0) for r in range(restarts)]
     title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {len(runs)} runs" if len(runs) > 1 else "")
     bar = progress.bar(f"{title}, {iterations} iterations", n * len(runs), "run" if len(runs) > 1 else "example")
-    with attacks.saturated(model):
+    with models.as_evaluated(model):
         logits = models.predict_logits(model, x, batch_size)
         fooled = np.argmax(logits, axis=1) != y  # Already adversarial: x itself.
         ranked = np.argsort(-logits, axis=1, kind="stable")

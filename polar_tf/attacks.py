@@ -44,12 +44,10 @@ with `INVARIANT_TOLERANCE` of slack for float32 rounding; a violation raises
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import time
 import weakref
-from typing import Iterator
 
 import keras
 import numpy as np
@@ -59,7 +57,7 @@ from keras import ops
 from polar_tf import backend, progress
 from polar_tf.config import BACKWARDS
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
-from polar_tf.models import get_frontend
+from polar_tf.models import as_evaluated
 
 ATTACKS = ("fgsm", "bim", "pgd")
 LOSSES = ("ce", "cw")
@@ -293,7 +291,7 @@ def pgd(
         """(Example, restart) runs done or made unnecessary by an earlier restart that fooled."""
         return int(np.sum(np.where(fooled, restarts, scheduled)))
 
-    with saturated(model):
+    with as_evaluated(model):
         while True:
             before = settled()
             levels, rows = _next_batch(fooled, scheduled, restarts, batch)
@@ -368,17 +366,6 @@ def fgsm(
         model, x, y, eps=eps, step_size=eps, steps=1, restarts=1, random_start=False, loss=loss,
         clip_min=clip_min, clip_max=clip_max, batch_size=batch_size, name="fgsm",
     )
-
-
-@contextlib.contextmanager
-def saturated(model: keras.Model) -> Iterator[None]:
-    """Switches the model's front-end saturation on for the block, if it has a front end."""
-    frontend = get_frontend(model)
-    if frontend is None:
-        yield
-        return
-    with frontend.saturation(True):
-        yield
 
 
 def with_backward(model: keras.Model, backward: str, steepness: float | None = None) -> keras.Model:

@@ -56,7 +56,7 @@ import numpy as np
 from keras import ops
 
 from polar_tf import backend, progress
-from polar_tf.frontend import PolarizingFrontEnd, Saturation, saturate
+from polar_tf.frontend import PolarizingFrontEnd, Saturation, hard_saturation, saturate
 
 Z_MARGIN = 1e-5
 LOGIT_TOLERANCE = 1e-4
@@ -141,11 +141,6 @@ def input_box(x, eps: float):
     """The attacker's set of images: [max(0, x - eps), min(1, x + eps)], as (lo, hi)."""
     x = ops.convert_to_tensor(x, dtype="float32")
     return ops.maximum(x - eps, 0.0), ops.minimum(x + eps, 1.0)
-
-
-def hard_saturation(z, jump: float):
-    """f(z) = 0.5 * (sign(z - c) + sign(z + c)): -1, 0 or +1, and 0.5 exactly at +-c."""
-    return 0.5 * (ops.sign(z - jump) + ops.sign(z + jump))
 
 
 def saturation_interval(z_lo, z_hi, jump: float):

@@ -381,7 +381,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
     clean_correct = models.correct(model, x, y)
     clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
-    with attacks.saturated(model):
+    with models.as_evaluated(model):
         fallback = float(np.mean(attacks.ce_falls_back(models.predict_logits(model, x, 1000), y)))
     adversarial = None
     survives = {}  # eps -> per example, correct under every attack run at that eps
@@ -484,7 +484,7 @@ def _model_figures(model, label, x, y, adversarial, config: EvalConfig, output_d
     name, x_adv = adversarial
     x, y = x[: len(x_adv)], y[: len(x_adv)]  # PGD may have attacked only the first images
     written = []
-    with attacks.saturated(model):
+    with models.as_evaluated(model):
         clean_pred = models.predict_labels(model, x, 1000)
         adv_pred = models.predict_labels(model, x_adv, 1000)
     shown = _pick_examples(y, clean_pred, adv_pred, EXAMPLES_SHOWN)

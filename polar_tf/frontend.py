@@ -19,6 +19,11 @@ REGULARIZERS = ("none", "b1", "b2")
 _L1_EPSILON = 1e-12
 
 
+def hard_saturation(z, jump: float):
+    """f(z) = 0.5 * (sign(z - c) + sign(z + c)): -1, 0 or +1, and 0.5 exactly at +-c."""
+    return 0.5 * (ops.sign(z - jump) + ops.sign(z + jump))
+
+
 def saturate(z, jump: float, backward: str = "identity", steepness: float = 8.0):
     """Ternary saturation with a straight-through gradient.
 
@@ -35,7 +40,7 @@ def saturate(z, jump: float, backward: str = "identity", steepness: float = 8.0)
     Returns:
       A tensor of z's shape.
     """
-    hard = 0.5 * (ops.sign(z - jump) + ops.sign(z + jump))
+    hard = hard_saturation(z, jump)
     if backward == "identity":
         surrogate = z
     elif backward == "smooth":
@@ -46,15 +51,22 @@ def saturate(z, jump: float, backward: str = "identity", steepness: float = 8.0)
     return surrogate + ops.stop_gradient(hard - surrogate)
 
 
+def _gaussian_pair(z, centre, width):
+    """exp(-(z - m)^2 / (2 w^2)) + exp(-(z + m)^2 / (2 w^2)): the form of both barriers."""
+    scale = 2.0 * ops.square(width)
+    return ops.exp(-ops.square(z - centre) / scale) + ops.exp(-ops.square(z + centre) / scale)
+
+
 def barrier_b1(z, sigma1: float):
-    """B1(z) = exp(-z^2 / (2 sigma1^2)): penalizes outputs near 0 (stage 1)."""
-    return ops.exp(-ops.square(z) / (2.0 * sigma1**2))
+    """B1(z) = exp(-z^2 / (2 sigma1^2)): penalizes outputs near 0 (stage 1).
+
+    Half the pair centred at 0, which is exactly B1 (halving a doubled float is exact)."""
+    return 0.5 * _gaussian_pair(z, 0.0, sigma1)
 
 
 def barrier_b2(z, jump: float, sigma2: float):
     """B2(z) = exp(-(z-c)^2 / (2 sigma2^2)) + exp(-(z+c)^2 / (2 sigma2^2)): penalizes outputs near +-c."""
-    scale = 2.0 * sigma2**2
-    return ops.exp(-ops.square(z - jump) / scale) + ops.exp(-ops.square(z + jump) / scale)
+    return _gaussian_pair(z, jump, sigma2)
 
 
 def _check_backward(backward: str, steepness: float) -> None:
@@ -152,15 +164,15 @@ class PolarizingFrontEnd(keras.layers.Layer):
     def barrier(self, z):
         """The active regularizer's B(z), elementwise (zero when the regularizer is "none").
 
-        Both barriers are a * (exp(-(z - m)^2 k) + exp(-(z + m)^2 k)): B1 with a = 1/2, m = 0,
-        k = 1 / (2 sigma1^2) (exactly B1, since halving a doubled float is exact), B2 with a = 1,
-        m = c, k = 1 / (2 sigma2^2). One form costs two exponentials whichever is active.
+        `barrier_b1` or `barrier_b2`, chosen by the switch inside the compiled step: both are a
+        Gaussian pair, whose centre, width and factor the switch selects, so that either costs
+        two exponentials.
         """
         is_b2 = self._reg_kind > 1.5
-        m = ops.where(is_b2, self.jump, 0.0)
-        k = ops.where(is_b2, 1.0 / (2.0 * self.sigma2**2), 1.0 / (2.0 * self.sigma1**2))
-        a = ops.where(is_b2, 1.0, ops.where(self._reg_kind > 0.5, 0.5, 0.0))
-        return a * (ops.exp(-ops.square(z - m) * k) + ops.exp(-ops.square(z + m) * k))
+        centre = ops.where(is_b2, self.jump, 0.0)
+        width = ops.where(is_b2, self.sigma2, self.sigma1)
+        factor = ops.where(is_b2, 1.0, ops.where(self._reg_kind > 0.5, 0.5, 0.0))
+        return factor * _gaussian_pair(z, centre, width)
 
     def call(self, inputs):
         z = self.normalized(inputs)

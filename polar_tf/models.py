@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Iterator
 
 import keras
@@ -111,12 +113,21 @@ def predict_logits(model: keras.Model, x: np.ndarray, batch_size: int = 1000) ->
     return backend.predict(model, x, batch_size)
 
 
-def correct(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Per example, whether the model as evaluated (front-end saturation on, always) is right."""
+@contextlib.contextmanager
+def as_evaluated(model: keras.Model) -> Iterator[None]:
+    """The model as it is evaluated and attacked, for the block: its front end's saturation on
+    (whatever the training schedule's switch says), if it has a front end."""
     frontend = get_frontend(model)
     if frontend is None:
-        return predict_labels(model, x, batch_size) == y
+        yield
+        return
     with frontend.saturation(True):
+        yield
+
+
+def correct(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Per example, whether the model as evaluated (`as_evaluated`) is right."""
+    with as_evaluated(model):
         return predict_labels(model, x, batch_size) == y
 
 
