@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from polar_tf import attacks, backend, certify, data, models, parallel, runfiles, training
+from polar_tf import apgd, attacks, backend, certify, data, models, parallel, runfiles, square, training
 from polar_tf.config import Config
 
 CONFIG = Config(epochs_per_stage=1, batch_size=16, train_examples=64)
@@ -45,10 +45,18 @@ def main(data_dir: str, out: str) -> None:
         results["batch_devices"] = len(backend.place_rows(x[:14]).devices())
         results["parallel_logits"] = models.predict_logits(model, x, batch_size=7)
         results["parallel_pgd"] = _pgd(model, x, y)
+        results["parallel_apgd"] = apgd.apgd(model, x[:14], y[:14], eps=EPS, iterations=5, batch_size=14)
+        results["parallel_square"] = square.square(model, x[:14], y[:14], eps=EPS, queries=10, batch_size=14)
+        # What the adaptive suite's compiled functions do with a batch: split it across the devices.
+        forward = backend.compile_model_function(model, lambda forward, _, images: forward(images), lambda: None)
+        results["function_batch_devices"] = len(forward(x[:14]).sharding.device_set)
+        results["function_shard_rows"] = [shard.data.shape[0] for shard in forward(x[:14]).addressable_shards]
         results["parallel_certified"] = certify.certify(model, x, y, EPS).margin_lower_bound
     model = runfiles.load_model(runfiles.checkpoint_path(spread, CONFIG, 3))  # on one device
     results["one_device_logits"] = models.predict_logits(model, x, batch_size=7)
     results["one_device_pgd"] = _pgd(model, x, y)
+    results["one_device_apgd"] = apgd.apgd(model, x[:14], y[:14], eps=EPS, iterations=5, batch_size=14)
+    results["one_device_square"] = square.square(model, x[:14], y[:14], eps=EPS, queries=10, batch_size=14)
     results["one_device_certified"] = certify.certify(model, x, y, EPS).margin_lower_bound
     for name in ("parallel", "one_device"):
         results[f"{name}_pgd_fooled"] = ~models.correct(model, results[f"{name}_pgd"], y)

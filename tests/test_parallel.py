@@ -138,6 +138,13 @@ def test_attacks_and_certify_split_across_devices_match_one_device(two_devices):
     # same examples.
     assert np.mean(r["parallel_pgd"] != r["one_device_pgd"]) <= 0.01
     assert np.sum(r["parallel_pgd_fooled"] != r["one_device_pgd_fooled"]) <= 1
+    # APGD and Square (the adaptive suite's compiled functions) split their batch of 14 too, and
+    # find the same images but for a pixel or decision within rounding (as PGD above).
+    assert r["function_batch_devices"] == 2 and list(r["function_shard_rows"]) == [7, 7]
+    for name in ("apgd", "square"):
+        spread_adv, one_adv = r[f"parallel_{name}"], r[f"one_device_{name}"]
+        assert np.max(np.abs(spread_adv.astype(np.float64) - x[:14])) <= eps + 1e-6
+        assert np.mean(spread_adv != one_adv) <= 0.01, name
     # Certify: the same certificates, margins equal up to float32 rounding of the bounds.
     one, spread = r["one_device_certified"], r["parallel_certified"]
     np.testing.assert_array_equal(np.isfinite(one), np.isfinite(spread))
