@@ -63,7 +63,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, data, evaluation, models, runfiles
+from polar_tf import attacks, backend, data, evaluation, models, report, runfiles
 from polar_tf.apgd import apgd
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
@@ -311,7 +311,7 @@ def evaluate_adaptive(
     x, y = x[: config.num_examples], y[: config.num_examples]
     for path, model in zip([*paths, config.transfer_from], [*loaded, source]):
         if model is not None:
-            evaluation._check_model(model, path, x, y)
+            report.check_model(model, path, x, y)
     eps = float(config.eps)
     x_transfer = None
     if source is not None:
@@ -325,7 +325,7 @@ def evaluate_adaptive(
         "eps": eps,
         "config": dataclasses.asdict(config),
         "backend": backend.name(),
-        "versions": evaluation._versions(),
+        "versions": report.versions(),
         "device": backend.device_description(),
         "command": command,
         "reproduce": reproduce_command(paths, config, output_dir, data_dir),
@@ -334,7 +334,7 @@ def evaluate_adaptive(
         "output_dir": os.path.abspath(output_dir),
         "models": [],
     }
-    labels = evaluation._unique([evaluation.model_label(p) for p in paths])
+    labels = report.unique_labels([evaluation.model_label(p) for p in paths])
     earlier = results["total_seconds"] = evaluation.resume_partial(output_dir, paths, config, results)
     for path, label, model in list(zip(paths, labels, loaded))[len(results["models"]):]:
         runs: dict[str, dict[str, Any]] = {}  # filled attack by attack, kept if interrupted
@@ -589,15 +589,15 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += ["| model | clean | " + " | ".join(_title(k) for k in keys) + " | worst case |",
               "|---" * (len(keys) + 3) + "|"]
     for model in results["models"]:
-        cells = [_percent(model["clean_accuracy"])]
-        cells += [_percent(model["attacks"][k]["accuracy"]) if k in model["attacks"] else "-" for k in keys]
-        lines.append(f"| {model['label']} | " + " | ".join(cells) + f" | **{_percent(model['worst_case_accuracy'])}** |")
+        cells = [report.percent(model["clean_accuracy"])]
+        cells += [report.percent(model["attacks"][k]["accuracy"]) if k in model["attacks"] else "-" for k in keys]
+        lines.append(f"| {model['label']} | " + " | ".join(cells) + f" | **{report.percent(model['worst_case_accuracy'])}** |")
     for model in results["models"]:
         lines += ["", f"## {model['label']}", "", "| attack | accuracy (%) | fooled only by it | seconds | settings |",
                   "|---|---|---|---|---|"]
         for key, run in model["attacks"].items():
             extra = f"; {run['queries_mean']:.0f} queries on average" if "queries_mean" in run else ""
-            lines.append(f"| {_title(key)} | {_percent(run['accuracy'])} | {run['fooled_only_by_this']} | "
+            lines.append(f"| {_title(key)} | {report.percent(run['accuracy'])} | {run['fooled_only_by_this']} | "
                          f"{run['seconds']:.1f} | {run['description']}{extra} |")
         lines += ["", "Sanity checks:", "", "| check | status | numbers |", "|---|---|---|"]
         for check in model["checks"]:
@@ -622,7 +622,3 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"    {results['reproduce']}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}"

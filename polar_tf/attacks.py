@@ -55,7 +55,7 @@ from absl import logging
 from keras import ops
 
 from polar_tf import backend, progress
-from polar_tf.config import BACKWARDS
+from polar_tf.config import BACKWARDS, check_choice
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 from polar_tf.models import as_evaluated
 
@@ -86,7 +86,7 @@ def per_example_loss(logits, y, loss: str = "ce"):
     Returns:
       A [batch] tensor.
     """
-    _check_choice("loss", loss, LOSSES)
+    check_choice("loss", loss, LOSSES)
     onehot, true_logit, others = _split_logits(logits, y)
     if loss == "cw":
         return ops.max(others, axis=-1) - true_logit
@@ -163,7 +163,7 @@ class CompiledAttack:
     """
 
     def __init__(self, model: keras.Model, loss: str = "ce", clip_min: float = 0.0, clip_max: float = 1.0):
-        _check_choice("loss", loss, LOSSES)
+        check_choice("loss", loss, LOSSES)
         self.loss = loss
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.traces = 0
@@ -380,7 +380,7 @@ def with_backward(model: keras.Model, backward: str, steepness: float | None = N
       The model itself if every saturation already has that backward pass (and steepness),
       else a clone with the weights (switches included) copied.
     """
-    _check_choice("backward", backward, BACKWARDS)
+    check_choice("backward", backward, BACKWARDS)
     saturating = [layer for layer in model.layers if isinstance(layer, (PolarizingFrontEnd, Saturation))]
     if all(
         layer.backward == backward and (steepness is None or layer.steepness == steepness) for layer in saturating
@@ -469,8 +469,3 @@ def _check_settings(eps, step_size, steps, restarts, random_start, seed) -> None
         raise ValueError(f"restarts > 1 needs random_start (restarts from x are identical). Received: restarts={restarts}")
     if not (isinstance(seed, numbers.Integral) and seed >= 0):
         raise ValueError(f"seed must be an integer >= 0. Received: seed={seed}")
-
-
-def _check_choice(label: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{label} must be one of {', '.join(choices)}. Received: {label}={value!r}")

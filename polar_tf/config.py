@@ -118,10 +118,10 @@ class Config:
     ibp_kappa_final: float = 0.5
 
     def __post_init__(self):
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("backward", self.backward, BACKWARDS)
-        _check_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("model", self.model, MODELS)
+        check_choice("backward", self.backward, BACKWARDS)
+        check_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
         if self.jump is None:
             default = DIRECT_QUANT_JUMP if self.model == "direct_quant" else DEFAULT_JUMP[self.dataset]
             object.__setattr__(self, "jump", default)
@@ -210,7 +210,8 @@ class Config:
         return cls(**{**LEGACY_VALUES, **values})
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raises ValueError, quoting the value and the choices, unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}. Received: {name}={value!r}")
 

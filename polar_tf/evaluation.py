@@ -32,9 +32,9 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, certify, data, models, plots, runfiles
+from polar_tf import attacks, backend, certify, data, models, plots, report, runfiles
 from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
-from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
+from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS, check_choice
 from polar_tf.frontend import saturate
 
 DEFAULT_DATASET = "mnist"  # for a model whose training config is unknown
@@ -96,12 +96,12 @@ class EvalConfig:
     certify: bool = False
 
     def __post_init__(self):
-        _check_choice("dataset", self.dataset, DATASETS)
+        check_choice("dataset", self.dataset, DATASETS)
         object.__setattr__(self, "attacks", tuple(self.attacks))
         if not self.attacks:
             raise ValueError("attacks must name at least one of fgsm, bim, pgd")
         for name in self.attacks:
-            _check_choice("attacks", name, ATTACKS)
+            check_choice("attacks", name, ATTACKS)
         if len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"attacks must not repeat. Received: attacks={','.join(self.attacks)}")
         if self.eps is None:
@@ -120,8 +120,8 @@ class EvalConfig:
             raise ValueError(f"batch_size must be a positive integer. Received: batch_size={self.batch_size}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
             raise ValueError(f"step_size must be > 0. Received: step_size={self.step_size}")
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("backward", self.backward, BACKWARDS)
+        check_choice("loss", self.loss, LOSSES)
+        check_choice("backward", self.backward, BACKWARDS)
         if self.steepness is not None and not (math.isfinite(self.steepness) and self.steepness > 0):
             raise ValueError(f"steepness must be > 0. Received: steepness={self.steepness}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
@@ -255,7 +255,7 @@ def evaluate(
         raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
     x, y = x[: config.num_examples], y[: config.num_examples]
     for path, model in zip(paths, loaded):
-        _check_model(model, path, x, y)
+        report.check_model(model, path, x, y)
         trained_on = model_dataset(path)
         if trained_on not in (None, config.dataset):
             logging.warning("%s was trained on %s and is evaluated on %s", path, trained_on, config.dataset)
@@ -266,13 +266,13 @@ def evaluate(
         "config": dataclasses.asdict(config),
         "attacks": {name: _describe(name, config, config.eps) for name in config.attacks},
         "backend": backend.name(),
-        "versions": _versions(),
+        "versions": report.versions(),
         "device": backend.device_description(),
         "command": command,
         "output_dir": os.path.abspath(output_dir),
         "models": [],
     }
-    labels = _unique([model_label(p) for p in paths])
+    labels = report.unique_labels([model_label(p) for p in paths])
     results["plots"] = []  # the models' figures so far; the accuracy plot is added at the end
     earlier = results["total_seconds"] = resume_partial(output_dir, paths, config, results)
     for path, label, model in list(zip(paths, labels, loaded))[len(results["models"]):]:
@@ -579,10 +579,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         "|---" * (len(names) + 2 + certified) + "|",
     ]
     for model in results["models"]:
-        cells = [_percent(model["clean_accuracy"])] + [_percent(model["accuracy"][n]) for n in names]
+        cells = [report.percent(model["clean_accuracy"])] + [report.percent(model["accuracy"][n]) for n in names]
         if certified:
             source, value = certified_at(model, results["eps"])
-            cells.append(f"{_percent(value)} ({source})")
+            cells.append(f"{report.percent(value)} ({source})")
         lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
     paper = PAPER_RESULTS.get(results["dataset"])
     if paper and results["eps"] == DEFAULT_EPS[results["dataset"]]:
@@ -614,10 +614,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         for model in results["models"]:
             for n in names:
                 by_eps = {r["eps"]: r["accuracy"] for r in model["runs"] if r["attack"] == n}
-                lines.append(f"| {model['label']} | {ATTACK_NAMES[n]} | " + " | ".join(_percent(by_eps[e]) for e in sweep) + " |")
+                lines.append(f"| {model['label']} | {ATTACK_NAMES[n]} | " + " | ".join(report.percent(by_eps[e]) for e in sweep) + " |")
             if certified:
                 lines.append(f"| {model['label']} | certified | "
-                             + " | ".join(_percent(certified_at(model, e)[1]) for e in sweep) + " |")
+                             + " | ".join(report.percent(certified_at(model, e)[1]) for e in sweep) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -625,10 +625,6 @@ def _pgd_subset(config: dict[str, Any], num_examples: int) -> str:
     """' (PGD: the first N)' where PGD ran on fewer images than the others, else ''."""
     n = config.get("pgd_examples")
     return f" (PGD: the first {n})" if n and n < num_examples and "pgd" in config["attacks"] else ""
-
-
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f}"
 
 
 def _loss_text(loss: str) -> str:
@@ -644,39 +640,5 @@ def _backward_text(config: dict[str, Any]) -> str:
     return f"smooth (tanh surrogate, {steepness})"
 
 
-def _versions() -> dict[str, str]:
-    versions = {"keras": keras.__version__}
-    name = backend.name()
-    if name == "jax":
-        import jax
-
-        versions["jax"] = jax.__version__
-    elif name == "tensorflow":
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-    return versions
-
-
-def _check_model(model: keras.Model, path: str, x: np.ndarray, y: np.ndarray) -> None:
-    input_shape, output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
-    if input_shape != x.shape[1:] or len(output_shape) != 1 or output_shape[0] <= int(np.max(y)):
-        raise ValueError(f"model {path} maps {input_shape} to {output_shape}; expected images {x.shape[1:]} to 10 logits")
-
-
-def _unique(labels: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
-    return out
-
-
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
-
-
-def _check_choice(label: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{label} must be one of {', '.join(choices)}. Received: {label}={value!r}")
