@@ -419,6 +419,7 @@ def evaluate_model(
     return {
         "label": label,
         "path": os.path.abspath(path) if path else None,
+        "sha256": report.fingerprint(path) if path else None,
         "has_saturation": has_saturation(model),
         "clean_accuracy": float(clean.mean()),
         "attacks": runs,

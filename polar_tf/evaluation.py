@@ -322,7 +322,15 @@ def finished_results(output_dir: str, paths: Sequence[str], config, partial: boo
         return None
     models = [os.path.relpath(m["path"], results["output_dir"]) for m in results["models"]]
     expected = [os.path.relpath(os.path.abspath(p), here) for p in paths]
-    return results if models == (expected[: len(models)] if partial else expected) else None
+    if models != (expected[: len(models)] if partial else expected):
+        return None
+    # A model replaced at the same path since is another model (records written before
+    # fingerprints existed match by path alone).
+    for record, path in zip(results["models"], paths):
+        model_file = _model_file(path)
+        if record.get("sha256") and os.path.isfile(model_file) and report.fingerprint(model_file) != record["sha256"]:
+            return None
+    return results
 
 
 # Settings of EvalConfig added after results files were written, with the value that reproduces what
@@ -415,6 +423,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
     record = {
         "label": label,
         "path": os.path.abspath(path),
+        "sha256": report.fingerprint(path),
         "has_frontend": models.get_frontend(model) is not None,
         "clean_accuracy": clean,
         "ce_fallback_fraction": fallback,  # clean images where the "ce" loss is the reference's MSE

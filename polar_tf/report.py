@@ -6,6 +6,8 @@ paper's table) write their results.json and Markdown with these.
 
 from __future__ import annotations
 
+import hashlib
+
 import keras
 import numpy as np
 
@@ -47,3 +49,13 @@ def check_model(model: keras.Model, path: str, x: np.ndarray, y: np.ndarray) -> 
     input_shape, output_shape = tuple(model.input_shape[1:]), tuple(model.output_shape[1:])
     if input_shape != x.shape[1:] or len(output_shape) != 1 or output_shape[0] <= int(np.max(y)):
         raise ValueError(f"model {path} maps {input_shape} to {output_shape}; expected images {x.shape[1:]} to 10 logits")
+
+
+def fingerprint(path: str) -> str:
+    """The SHA-256 of a model file: results record it, so that a model replaced at the same path is
+    evaluated again rather than reported with its predecessor's results."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from polar_tf import adaptive, attacks, data, evaluation, models, runfiles
+from polar_tf import adaptive, attacks, data, evaluation, models, report, runfiles
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd
 
@@ -291,6 +292,19 @@ def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
     assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
     other = str(tmp_path / "pretrained" / "full_protocol" / "mnist_adversarial.keras")
     assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=other)) is None
+
+
+def test_a_model_replaced_at_the_same_path_is_evaluated_again(tmp_path, tiny_model_path):
+    path = str(tmp_path / "model.keras")
+    shutil.copyfile(tiny_model_path, path)
+    config = evaluation.EvalConfig(attacks=("fgsm",), **SMALL)
+    results = evaluation.evaluate([path], config, output_dir=str(tmp_path / "out"))
+    assert results["models"][0]["sha256"] == report.fingerprint(path)
+    assert evaluation.finished_results(str(tmp_path / "out"), [path], config) is not None
+    other = runfiles.load_model(path)
+    other.set_weights([w + 1.0 for w in other.get_weights()])
+    runfiles.save_model(other, path)
+    assert evaluation.finished_results(str(tmp_path / "out"), [path], config) is None
 
 
 def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):

@@ -26,3 +26,9 @@ def test_check_model_refuses_a_model_of_other_shapes():
                 keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])):
         with pytest.raises(ValueError, match="expected images"):
             report.check_model(bad, "bad.keras", x, y)
+
+
+def test_fingerprint_is_the_files_sha256(tmp_path):
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"abc")
+    assert report.fingerprint(str(path)) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
