@@ -492,8 +492,8 @@ def table_lines(result: dict, title: str = "") -> list[str]:
     """One dataset's table: the schedule and budgets it comes from, the paper's cells beside ours,
     then the adaptive and certified columns. `title` follows the dataset's name in the heading."""
     table, suite = result["table"], result["adaptive"]
-    pgd = table["config"].get("pgd_examples")
-    pgd = f"PGD: the first {pgd}; " if pgd and pgd < table["num_examples"] else ""
+    pgd = evaluation.pgd_subset(table["config"], table["num_examples"])
+    pgd = f"PGD: the first {pgd}; " if pgd else ""
     lines = [f"## {table['dataset']}{title}, eps = {table['eps']:g}, {table['num_examples']} test images "
              f"({pgd}adaptive: the first {suite['num_examples']})", "",
              f"Training: {training_note(result['training'])}. "
