@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import certify, data, models, runfiles  # noqa: E402
+from polar_tf import certify, data, models, run_dir  # noqa: E402
 from polar_tf.config import Config  # noqa: E402
 
 flags.DEFINE_string("checkpoint", None, "A .keras model to certify; default: a quickly trained one.")
@@ -67,7 +67,7 @@ def quick_model(kind: str, train_examples: int) -> keras.Model:
 def main(argv):
     del argv
     if FLAGS.checkpoint:
-        model, described = runfiles.load_model(FLAGS.checkpoint, compile=False), FLAGS.checkpoint
+        model, described = run_dir.load_model(FLAGS.checkpoint, compile=False), FLAGS.checkpoint
     else:
         model = quick_model(FLAGS.model, FLAGS.train_examples)
         described = f"quick {FLAGS.model} model (one-hot front end, 1 epoch on {FLAGS.train_examples} images)"

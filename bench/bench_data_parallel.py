@@ -38,7 +38,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import attacks, backend, models, parallel, runfiles, schedule, training  # noqa: E402
+from polar_tf import attacks, backend, models, parallel, run_dir, schedule, training  # noqa: E402
 from polar_tf.config import Config  # noqa: E402
 
 flags.DEFINE_integer("batch_size", 64, "Global training batch.")
@@ -74,7 +74,7 @@ def time_training(distribute: str, x: np.ndarray, y: np.ndarray) -> tuple[float,
 def time_pgd(distribute: str, model_path: str, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """(image-steps/s of one timed PGD call, its adversarial images)."""
     with parallel.scope(distribute):
-        model = runfiles.load_model(model_path)  # Inside the scope: its weights go to every device.
+        model = run_dir.load_model(model_path)  # Inside the scope: its weights go to every device.
         run = lambda: attacks.pgd(model, x, y, eps=0.3, steps=FLAGS.steps, restarts=1, batch_size=len(x))  # noqa: E731
         run()
         start = time.perf_counter()
@@ -114,7 +114,7 @@ def check_hosts(hosts: int) -> None:
 
     seconds = run_all(train, "train", "workdir")
     weights = {
-        name: np.concatenate([w.ravel() for w in runfiles.load_model(os.path.join(folder, name, "stage3.keras")).get_weights()])
+        name: np.concatenate([w.ravel() for w in run_dir.load_model(os.path.join(folder, name, "stage3.keras")).get_weights()])
         for name in ["train_one", *(f"train_{i}" for i in range(hosts))]
     }
     spread = max(float(np.max(np.abs(weights[f"train_{i}"] - weights["train_one"]))) for i in range(hosts))
@@ -158,7 +158,7 @@ def main(argv):
               f"99th percentile {np.quantile(gap, 0.99):.2e}, median {np.median(gap):.2e}")
     path = os.path.join(tempfile.mkdtemp(prefix="bench_data_parallel_"), "model.keras")
     keras.utils.set_random_seed(0)
-    runfiles.save_model(models.build_model(Config()), path)
+    run_dir.save_model(models.build_model(Config()), path)
     x, y = x[: FLAGS.num_examples], y[: FLAGS.num_examples]
     one_rate, one_adv = time_pgd("none", path, x, y)
     spread_rate, spread_adv = time_pgd("data_parallel", path, x, y)

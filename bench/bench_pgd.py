@@ -30,7 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import attacks, backend, data, models, runfiles  # noqa: E402
+from polar_tf import attacks, backend, data, models, run_dir  # noqa: E402
 from polar_tf.config import Config  # noqa: E402
 
 flags.DEFINE_string("model_path", None, "A .keras model to attack (default: random-weights polarized model).")
@@ -58,7 +58,7 @@ def load_images(n: int) -> tuple[np.ndarray, np.ndarray, str]:
 def main(argv):
     del argv
     if FLAGS.model_path:
-        model, name = runfiles.load_model(FLAGS.model_path, compile=False), FLAGS.model_path
+        model, name = run_dir.load_model(FLAGS.model_path, compile=False), FLAGS.model_path
     else:
         keras.utils.set_random_seed(0)
         model, name = models.build_model(Config()), "polarized model, random weights"

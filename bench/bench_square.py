@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import backend, data, runfiles, square  # noqa: E402
+from polar_tf import backend, data, run_dir, square  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 flags.DEFINE_string("model", os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras"), "Model attacked.")
@@ -86,7 +86,7 @@ def _timed(module, model, x, y):
 
 def main(argv):
     del argv
-    model = runfiles.load_model(FLAGS.model, compile=False)
+    model = run_dir.load_model(FLAGS.model, compile=False)
     x, y = data.load(FLAGS.dataset, "test")
     x, y = x[: FLAGS.examples], y[: FLAGS.examples]
     modules = {"current": square}

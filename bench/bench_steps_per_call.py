@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
-from polar_tf import attacks, backend, data, runfiles  # noqa: E402
+from polar_tf import attacks, backend, data, run_dir  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 flags.DEFINE_integer("examples", 500, "Test images attacked (one batch at the CPU default).")
@@ -33,7 +33,7 @@ def main(argv):
     del argv
     if backend.name() != "tensorflow" or backend.on_accelerator():
         sys.exit("bench_steps_per_call.py: error: measures TensorFlow on the CPU, where the steps are split")
-    model = runfiles.load_model(os.path.join(ROOT, "pretrained", "mnist_polarized.keras"), compile=False)
+    model = run_dir.load_model(os.path.join(ROOT, "pretrained", "mnist_polarized.keras"), compile=False)
     x, y = data.load("mnist", "test")
     x, y = x[: FLAGS.examples], y[: FLAGS.examples]
     attacks.pgd(model, x, y, eps=0.3, steps=2, restarts=1)  # traces

@@ -63,7 +63,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, data, evaluation, models, report, runfiles
+from polar_tf import attacks, backend, data, evaluation, models, report, run_dir
 from polar_tf.apgd import apgd
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
@@ -299,11 +299,11 @@ def evaluate_adaptive(
     if not model_paths:
         raise ValueError("--model_path is required: a .keras file or a training workdir")
     started = time.perf_counter()
-    paths = [runfiles.resolve_model_path(p) for p in model_paths]
-    loaded = [runfiles.load_model(p, compile=False) for p in paths]
+    paths = [run_dir.resolve_model_path(p) for p in model_paths]
+    loaded = [run_dir.load_model(p, compile=False) for p in paths]
     source = None
     if config.transfer_from:
-        source = runfiles.load_model(runfiles.resolve_model_path(config.transfer_from), compile=False)
+        source = run_dir.load_model(run_dir.resolve_model_path(config.transfer_from), compile=False)
     output_dir = output_dir or os.path.join(evaluation.default_output_dir(paths[0]), "adaptive")
     x, y = data.load(config.dataset, "test", data_dir)
     if config.num_examples > len(x):
@@ -330,7 +330,7 @@ def evaluate_adaptive(
         "command": command,
         "reproduce": reproduce_command(paths, config, output_dir, data_dir),
         # The transfer source as a file, as the models' paths (config.transfer_from is as given).
-        "transfer_from_path": os.path.abspath(runfiles.resolve_model_path(config.transfer_from)) if config.transfer_from else None,
+        "transfer_from_path": os.path.abspath(run_dir.resolve_model_path(config.transfer_from)) if config.transfer_from else None,
         "output_dir": os.path.abspath(output_dir),
         "models": [],
     }

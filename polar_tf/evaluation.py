@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, certify, data, models, plots, report, runfiles
+from polar_tf import attacks, backend, certify, data, models, plots, report, run_dir
 from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS, check_choice
 from polar_tf.frontend import saturate
@@ -157,7 +157,7 @@ def parse_eps_sweep(text: str) -> tuple[float, ...]:
 
 def model_dataset(model_path: str) -> str | None:
     """The dataset a model was trained on (its workdir's or shipped config), or None if unknown."""
-    config = runfiles.trained_config(model_path)
+    config = run_dir.trained_config(model_path)
     return config.dataset if config else None
 
 
@@ -193,7 +193,7 @@ def default_output_dir(model_path: str) -> str:
     """Where results go by default: beside a model in its training run folder; for any other model
     (a shipped one in pretrained/, a bare file), runs/evaluate/<name>, so that evaluating never
     writes into tracked folders nor over another model's results."""
-    path = runfiles.resolve_model_path(model_path)
+    path = run_dir.resolve_model_path(model_path)
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
@@ -247,8 +247,8 @@ def evaluate(
     if not model_paths:
         raise ValueError("--model_path is required: a .keras file or a training workdir")
     started = time.perf_counter()
-    paths = [runfiles.resolve_model_path(p) for p in model_paths]
-    loaded = [runfiles.load_model(p, compile=False) for p in paths]  # All load before any attack.
+    paths = [run_dir.resolve_model_path(p) for p in model_paths]
+    loaded = [run_dir.load_model(p, compile=False) for p in paths]  # All load before any attack.
     output_dir = output_dir or default_output_dir(paths[0])
     x, y = data.load(config.dataset, "test", data_dir)
     if config.num_examples > len(x):
@@ -340,7 +340,7 @@ LEGACY_CONFIG_VALUES = {"pgd_examples": None}
 
 def _model_file(path: str) -> str:
     """A training workdir's final checkpoint, else the path itself (which may not exist here)."""
-    return runfiles.resolve_model_path(path) if os.path.isdir(path) else path
+    return run_dir.resolve_model_path(path) if os.path.isdir(path) else path
 
 
 def resume_partial(output_dir: str, paths: Sequence[str], config, results: dict[str, Any]) -> float:
@@ -358,8 +358,8 @@ def resume_partial(output_dir: str, paths: Sequence[str], config, results: dict[
 
 def write_results(output_dir: str, results: dict[str, Any], markdown: str) -> None:
     """Writes results.json and results.md, and removes the partial results they supersede."""
-    runfiles.write_json(os.path.join(output_dir, "results.json"), results)
-    runfiles.write_text(os.path.join(output_dir, "results.md"), markdown)
+    run_dir.write_json(os.path.join(output_dir, "results.json"), results)
+    run_dir.write_text(os.path.join(output_dir, "results.md"), markdown)
     partial = os.path.join(output_dir, PARTIAL_RESULTS)
     if os.path.isfile(partial):
         os.remove(partial)
@@ -378,7 +378,7 @@ def keep_on_interrupt(output_dir: str, results: dict[str, Any], unfinished: dict
     except KeyboardInterrupt:
         path = os.path.join(output_dir, PARTIAL_RESULTS)
         os.makedirs(output_dir, exist_ok=True)
-        runfiles.write_json(path, {**results, "interrupted": True, "unfinished_model": unfinished})
+        run_dir.write_json(path, {**results, "interrupted": True, "unfinished_model": unfinished})
         raise KeyboardInterrupt(f"finished attacks kept in {path}") from None
 
 

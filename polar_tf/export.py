@@ -25,7 +25,7 @@ if __name__ == "__main__":
 import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import models, runfiles  # noqa: E402
+from polar_tf import models, run_dir  # noqa: E402
 
 
 def export_saved_model(model: keras.Model, export_dir: str) -> None:
@@ -72,7 +72,7 @@ def main(argv):
     flags_ = flags.FLAGS
 
     def body():
-        model = runfiles.load_model(runfiles.resolve_model_path(flags_.model_path), compile=False)
+        model = run_dir.load_model(run_dir.resolve_model_path(flags_.model_path), compile=False)
         export_saved_model(model, flags_.export_dir)
         print(f"SavedModel written to {flags_.export_dir}")
 

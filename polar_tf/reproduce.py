@@ -47,7 +47,7 @@ if __name__ == "__main__":
 
 from absl import app, flags, logging  # noqa: E402
 
-from polar_tf import adaptive, evaluation, runfiles, state_archive, training  # noqa: E402
+from polar_tf import adaptive, evaluation, run_dir, state_archive, training  # noqa: E402
 from polar_tf.config import DATASETS, DEFAULT_JUMP, LEGACY_VALUES, Config  # noqa: E402
 
 # The paper's rows, in its order, and the models that reproduce them.
@@ -120,13 +120,13 @@ def trained_model(dataset: str, model: str, protocol: Protocol, root: str, pretr
     config = training_config(dataset, model, protocol)
     workdir = run_folder(root, dataset, model)
     if not os.path.isfile(os.path.join(workdir, "config.json")):
-        return _shipped(pretrained_dir, config, workdir)
-    final = runfiles.checkpoint_path(workdir, config, config.num_stages)
-    if runfiles.read_config(workdir) != config or not os.path.isfile(final):
+        return run_dir.shipped_model(pretrained_dir, config, workdir)
+    final = run_dir.checkpoint_path(workdir, config, config.num_stages)
+    if run_dir.read_config(workdir) != config or not os.path.isfile(final):
         return None
     if not pretrained_dir:
         return final
-    shipped = _stem(pretrained_dir, config) + ".keras"
+    shipped = run_dir.shipped_stem(pretrained_dir, config) + ".keras"
     return shipped if os.path.isfile(shipped) and filecmp.cmp(final, shipped, shallow=False) else None
 
 
@@ -139,10 +139,10 @@ def train_model(dataset: str, model: str, protocol: Protocol, root: str, data_di
     workdir = run_folder(root, dataset, model)
     path = trained_model(dataset, model, protocol, root, pretrained_dir)
     if path is None:
-        final = runfiles.checkpoint_path(workdir, config, config.num_stages)
-        if not (os.path.isfile(final) and runfiles.read_config(workdir) == config):
+        final = run_dir.checkpoint_path(workdir, config, config.num_stages)
+        if not (os.path.isfile(final) and run_dir.read_config(workdir) == config):
             training.train_and_evaluate(config, workdir, "all", data_dir)  # refuses a run of another config
-        path = _ship_pretrained(final, pretrained_dir) if pretrained_dir else final
+        path = run_dir.ship_pretrained(final, pretrained_dir) if pretrained_dir else final
     _copy_figures(workdir, config, results_dir)
     return path
 
@@ -201,7 +201,7 @@ def finished_evaluation(output_dir: str, paths: list[str], config) -> dict | Non
 def write_protocol_record(results_dir: str, protocol: Protocol, root: str, pretrained_dir: str | None) -> None:
     """results_dir/protocol.json: the protocol and folders of the reproduction whose results it holds,
     from which a report elsewhere collects them (`collect`)."""
-    runfiles.write_json(os.path.join(results_dir, PROTOCOL_FILE),
+    run_dir.write_json(os.path.join(results_dir, PROTOCOL_FILE),
                         {"protocol": dataclasses.asdict(protocol), "workdir": root, "pretrained_dir": pretrained_dir})
 
 
@@ -222,7 +222,7 @@ def collect(dataset: str, protocol: Protocol, root: str, results_dir: str) -> di
     Reads the models from the table's results.json (where the results folder is now: it may have
     been written elsewhere), not from their training: a report never trains nor evaluates."""
     paths = _recorded_models(evaluation_dir(results_dir, dataset, "table"))
-    if paths is None or len(paths) != len(ROWS) or any(_run_record(p) is None for p in paths):
+    if paths is None or len(paths) != len(ROWS) or any(run_dir.run_record(p) is None for p in paths):
         return None  # not evaluated, or the models' training records are not at hand
     configs = evaluation_configs(dataset, protocol, paths)
     result = {kind: finished_evaluation(evaluation_dir(results_dir, dataset, kind), paths, configs[kind]) for kind in EVALUATIONS}
@@ -279,7 +279,7 @@ def reproduce(datasets: list[str], protocol: Protocol, root: str, data_dir: str 
                                         for p, (m, _) in zip(paths, ROWS)]
     full = _full_protocol_sections(full_protocol_results, results_dir, datasets)
     base = os.path.dirname(os.path.abspath(report))
-    runfiles.write_text(report, reproduction_markdown(results, protocol, base, full) + further_markdown(further, base)
+    run_dir.write_text(report, reproduction_markdown(results, protocol, base, full) + further_markdown(further, base)
                         + certified_markdown(certified, base))
     logging.info("Wrote %s", report)
     if readme and update_readme(readme, results, protocol, full):
@@ -307,34 +307,10 @@ def _full_protocol_sections(folder: str | None, results_dir: str, datasets: list
             "title": " at the paper's full protocol" if protocol.is_paper else f" ({folder})"}
 
 
-def _shipped(pretrained_dir: str | None, config: Config, workdir: str) -> str | None:
-    """The shipped model trained with exactly `config`, where `workdir` holds no run of its own
-    (a fresh checkout): it is evaluated instead of training again. None where there is none."""
-    if not pretrained_dir or os.path.isfile(os.path.join(workdir, "config.json")):
-        return None
-    stem = _stem(pretrained_dir, config)
-    if not all(os.path.isfile(stem + suffix) for suffix in (".keras", ".config.json", ".metrics.jsonl")):
-        return None
-    if _run_record(stem + ".keras")[0] != config:
-        return None
-    logging.info("%s holds no run; evaluating the shipped %s.keras, trained with the same config", workdir, stem)
-    return stem + ".keras"
 
 
-def _stem(pretrained_dir: str, config: Config) -> str:
-    return os.path.join(pretrained_dir, f"{config.dataset}_{config.model}")
 
 
-def _run_record(model_path: str) -> tuple[Config, list[dict]] | None:
-    """How a model was trained: its config and per-epoch metrics, from beside a shipped model
-    (<name>.config.json, <name>.metrics.jsonl) or from its run folder; None where neither is."""
-    stem, workdir = model_path[: -len(".keras")], os.path.dirname(model_path)
-    for config_path, metrics_path in ((stem + ".config.json", stem + ".metrics.jsonl"),
-                                      (os.path.join(workdir, "config.json"), os.path.join(workdir, "metrics.jsonl"))):
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                return Config.from_dict(json.load(f)), runfiles.MetricsLog(metrics_path).read()
-    return None
 
 
 def _flags(paths: list[str], config: evaluation.EvalConfig, output_dir: str) -> list[str]:
@@ -357,7 +333,7 @@ def _training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
 
     A shipped model has its config and metrics beside it (pretrained/<name>.config.json and
     .metrics.jsonl) and no figures of its own: the ones copied when it was trained are kept."""
-    record = _run_record(model_path)
+    record = run_dir.run_record(model_path)
     if record is None:
         raise ValueError(f"{model_path} has no training record (config.json and metrics.jsonl) beside it or in its "
                          "run folder: the report cannot say how it was trained")
@@ -411,18 +387,6 @@ def _stage2_trend(records: list[dict], last: int = 5) -> float | None:
     return (fractions[-1] - fractions[0]) / (len(fractions) - 1)
 
 
-def _ship_pretrained(path: str, folder: str) -> str:
-    """Copies a finished run's model, with its config and metrics beside it, into `folder`; returns
-    the copy. Each file is replaced at once (a copy, then a rename), the model last."""
-    workdir = os.path.dirname(path)
-    config = runfiles.read_config(workdir)
-    stem = _stem(folder, config)
-    runfiles.write_json(stem + ".config.json", config.to_dict())
-    for source, target in ((os.path.join(workdir, "metrics.jsonl"), stem + ".metrics.jsonl"), (path, stem + ".keras")):
-        partial = target + ".tmp"
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
-    return stem + ".keras"
 
 
 def reproduction_markdown(results: dict, protocol: Protocol, base: str, full: dict | None = None) -> str:
@@ -580,7 +544,7 @@ def _replace_block(readme: str, markers: tuple[str, str], block: list[str]) -> b
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
-    runfiles.write_text(readme, head + "\n".join([start, *block]) + rest[rest.index(end):])
+    run_dir.write_text(readme, head + "\n".join([start, *block]) + rest[rest.index(end):])
     return True
 
 
@@ -656,7 +620,7 @@ def further_runs(folders: tuple[str, ...]) -> dict:
 
 
 def _trained(model_path: str) -> dict | None:
-    record = _run_record(model_path)
+    record = run_dir.run_record(model_path)
     if record is None:
         return None
     config, records = record

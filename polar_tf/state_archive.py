@@ -58,7 +58,7 @@ def pack(folders: Iterable[str], skip: set[str], out: str, part_bytes: int = PAR
 
 
 def _temporary(name: str) -> bool:
-    """What a killed process leaves: runfiles' atomic writes (.name.XXXX.tmp), copies (name.tmp)."""
+    """What a killed process leaves: run_dir's atomic writes (.name.XXXX.tmp), copies (name.tmp)."""
     return (name.startswith(".") and ".tmp" in name) or name.endswith(".tmp")
 
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, certified_training, data, models, monitoring, parallel, plots, runfiles, schedule
+from polar_tf import attacks, backend, certified_training, data, models, monitoring, parallel, plots, run_dir, schedule
 from polar_tf.config import Config
 
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
@@ -52,9 +52,9 @@ def _optimizer(model: keras.Model, config: Config, previous: keras.optimizers.Op
 
 
 def _previous_checkpoint(config: Config, workdir: str, stage: int) -> str:
-    path = runfiles.checkpoint_path(workdir, config, stage - 1)
+    path = run_dir.checkpoint_path(workdir, config, stage - 1)
     if not os.path.isfile(path):
-        raise runfiles.CheckpointError(
+        raise run_dir.CheckpointError(
             f"--stage={stage} needs the stage-{stage - 1} checkpoint {path}, which does not exist; "
             f"run --stage={stage - 1} first"
         )
@@ -69,7 +69,7 @@ def prepare_stage(config: Config, workdir: str, stage: int) -> keras.Model:
         model = models.build_model(config)
         previous = None
     else:
-        model = runfiles.load_model(_previous_checkpoint(config, workdir, stage))
+        model = run_dir.load_model(_previous_checkpoint(config, workdir, stage))
         previous = model.optimizer
     compile_for_stage(model, config, stage, previous)
     return model
@@ -275,11 +275,11 @@ def _resume(config: Config, workdir: str, stage: int) -> tuple[keras.Model | Non
     an epoch checkpoint lies inside the stage, and (None, first epoch of the stage) otherwise.
     """
     epochs = schedule.stage_epochs(config, stage)
-    latest = runfiles.latest_epoch_checkpoint(workdir)
-    if latest is not None and latest[0] >= epochs[-1] and os.path.isfile(runfiles.checkpoint_path(workdir, config, stage)):
+    latest = run_dir.latest_epoch_checkpoint(workdir)
+    if latest is not None and latest[0] >= epochs[-1] and os.path.isfile(run_dir.checkpoint_path(workdir, config, stage)):
         return None, None
     if latest is not None and epochs[0] <= latest[0] <= epochs[-1]:
-        model = runfiles.load_model(latest[1])
+        model = run_dir.load_model(latest[1])
         compile_for_stage(model, config, stage, model.optimizer)
         return model, latest[0] + 1
     return None, epochs[0]
@@ -321,9 +321,9 @@ def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str 
     if stages[0] > 1:
         _previous_checkpoint(config, workdir, stages[0])  # Fail before loading any data.
     train, test = data.load_dataset(config.dataset, data_dir, config.train_examples)
-    runfiles.write_config(workdir, config)
-    runfiles.remove_stale_temporaries(workdir)
-    metrics = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    run_dir.write_config(workdir, config)
+    run_dir.remove_stale_temporaries(workdir)
+    metrics = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
     tensorboard = monitoring.TensorBoard(os.path.join(workdir, "tb"))
     logging.info("Training %s on %s (%d images) in %s, backend %s", config.model, config.dataset,
                  len(train[0]), workdir, keras.backend.backend())
@@ -338,7 +338,7 @@ def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str 
             if model is None:
                 model = prepare_stage(config, workdir, s)
                 if s == 1 and (frontend := models.get_frontend(model)) is not None:
-                    runfiles.save_filters(workdir, 0, keras.ops.convert_to_numpy(frontend.kernel))
+                    run_dir.save_filters(workdir, 0, keras.ops.convert_to_numpy(frontend.kernel))
             else:
                 logging.info("Resuming stage %d at epoch %d", s, first)
             metrics.truncate_from(first)
@@ -346,14 +346,14 @@ def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str 
                 record = train_epoch(model, config, epoch, *train, verbose=verbose)
                 record = _epoch_report(model, config, record, train, test, tensorboard)
                 metrics.append(record)
-                runfiles.save_epoch_checkpoint(model, workdir, epoch)
+                run_dir.save_epoch_checkpoint(model, workdir, epoch)
                 if (frontend := models.get_frontend(model)) is not None:
-                    runfiles.save_filters(workdir, epoch + 1, keras.ops.convert_to_numpy(frontend.kernel))
+                    run_dir.save_filters(workdir, epoch + 1, keras.ops.convert_to_numpy(frontend.kernel))
                 logging.info("%s", epoch_summary(config, record, models.get_frontend(model) is not None))
-            runfiles.save_model(model, runfiles.checkpoint_path(workdir, config, s))
+            run_dir.save_model(model, run_dir.checkpoint_path(workdir, config, s))
             _stage_plots(model, config, workdir, s, train[0])
     finally:
         tensorboard.close()
     if model is None:
-        model = runfiles.load_model(runfiles.checkpoint_path(workdir, config, stages[-1]))
+        model = run_dir.load_model(run_dir.checkpoint_path(workdir, config, stages[-1]))
     return model

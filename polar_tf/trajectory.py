@@ -33,7 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from polar_tf import data, models, monitoring, plots, runfiles  # noqa: E402
+from polar_tf import data, models, monitoring, plots, run_dir  # noqa: E402
 from polar_tf.config import CLASSIFIER_INITS, Config  # noqa: E402
 from polar_tf.frontend import PolarizingFrontEnd  # noqa: E402
 
@@ -135,7 +135,7 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
     writes trajectory.{png,json,md} and trajectory_filters.png into output_dir. With
     `gradient_batches`, also `initial_gradient_balance` of the first run's config under each
     classifier init. `command`, the command line, is recorded in both files."""
-    configs = [runfiles.read_config(w) for w in workdirs]
+    configs = [run_dir.read_config(w) for w in workdirs]
     if len({(c.dataset, c.eps) for c in configs}) > 1:
         raise ValueError(f"the runs must share a dataset and eps. Received: {[(c.dataset, c.eps) for c in configs]}")
     config = configs[0]
@@ -145,10 +145,10 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
         names = list(workdirs)
     runs, kernels = [], {}
     for name, workdir, run_config in zip(names, workdirs, configs):
-        kernels[name] = runfiles.load_filters(workdir)
+        kernels[name] = run_dir.load_filters(workdir)
         if not kernels[name]:
             raise FileNotFoundError(f"{workdir} has no filters/ (train.py saves them after every epoch of a polarized model)")
-        records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+        records = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
         runs.append({
             "name": name,
             "workdir": workdir,
@@ -175,8 +175,8 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
             for init in CLASSIFIER_INITS
         } if gradient_batches else None,
     }
-    runfiles.write_json(os.path.join(output_dir, "trajectory.json"), result)
-    runfiles.write_text(os.path.join(output_dir, "trajectory.md"), trajectory_table(result))
+    run_dir.write_json(os.path.join(output_dir, "trajectory.json"), result)
+    run_dir.write_text(os.path.join(output_dir, "trajectory.md"), trajectory_table(result))
     _plot_series(result, os.path.join(output_dir, "trajectory.png"))
     last = max(max(k) for k in kernels.values())
     epochs = [e for e in (sorted(reference) if reference else range(0, last + 1, 5)) if e <= last]

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from polar_tf import apgd, attacks, backend, certify, data, models, parallel, runfiles, square, training
+from polar_tf import apgd, attacks, backend, certify, data, models, parallel, run_dir, square, training
 from polar_tf.config import Config
 
 CONFIG = Config(epochs_per_stage=1, batch_size=16, train_examples=64)
@@ -39,7 +39,7 @@ def main(data_dir: str, out: str) -> None:
     x, y = x[:ATTACK_EXAMPLES], y[:ATTACK_EXAMPLES]
     results = {}
     with parallel.scope("data_parallel"):
-        model = runfiles.load_model(runfiles.checkpoint_path(spread, CONFIG, 3))
+        model = run_dir.load_model(run_dir.checkpoint_path(spread, CONFIG, 3))
         results["replicas"] = backend.replica_count()
         results["weight_devices"] = len(model.trainable_variables[0].value.devices())
         results["batch_devices"] = len(backend.place_rows(x[:14]).devices())
@@ -52,7 +52,7 @@ def main(data_dir: str, out: str) -> None:
         results["function_batch_devices"] = len(forward(x[:14]).sharding.device_set)
         results["function_shard_rows"] = [shard.data.shape[0] for shard in forward(x[:14]).addressable_shards]
         results["parallel_certified"] = certify.certify(model, x, y, EPS).margin_lower_bound
-    model = runfiles.load_model(runfiles.checkpoint_path(spread, CONFIG, 3))  # on one device
+    model = run_dir.load_model(run_dir.checkpoint_path(spread, CONFIG, 3))  # on one device
     results["one_device_logits"] = models.predict_logits(model, x, batch_size=7)
     results["one_device_pgd"] = _pgd(model, x, y)
     results["one_device_apgd"] = apgd.apgd(model, x[:14], y[:14], eps=EPS, iterations=5, batch_size=14)
@@ -61,10 +61,10 @@ def main(data_dir: str, out: str) -> None:
     for name in ("parallel", "one_device"):
         results[f"{name}_pgd_fooled"] = ~models.correct(model, results[f"{name}_pgd"], y)
     for name, workdir in (("one", one), ("parallel", spread)):
-        records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+        records = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
         for key in ("loss", training.FIT_ACCURACY, "test_accuracy", "saturate"):
             results[f"{name}_{key}"] = np.array([r[key] for r in records])
-        final = runfiles.load_model(runfiles.checkpoint_path(workdir, CONFIG, 3))
+        final = run_dir.load_model(run_dir.checkpoint_path(workdir, CONFIG, 3))
         results[f"{name}_weights"] = np.concatenate([w.ravel() for w in final.get_weights()])
         results[f"{name}_frontend_trainable"] = models.get_frontend(final).trainable
     results["x"], results["y"] = x, y

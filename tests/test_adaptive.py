@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import small_models
-from polar_tf import adaptive, apgd, attacks, models, runfiles, square
+from polar_tf import adaptive, apgd, attacks, models, run_dir, square
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.3
@@ -99,7 +99,7 @@ def test_checks_pass_on_an_honest_model_and_flag_a_masked_one(trained_mlp, mnist
 @pytest.mark.skipif(keras.backend.backend() == "jax", reason="backend-independent glue; saves a JAX start-up")
 def test_cli_writes_the_report_with_its_reproducing_command(trained_mlp, tmp_path):
     path = str(tmp_path / "mlp.keras")
-    runfiles.save_model(trained_mlp, path)
+    run_dir.save_model(trained_mlp, path)
     out = tmp_path / "out"
     args = [f"--model_path={path}", "--suite=adaptive", "--num_examples=20", "--steps=2", "--restarts=1",
             "--apgd_iterations=3", "--square_queries=20", "--check_examples=20", f"--transfer_from={path}",

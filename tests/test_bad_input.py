@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 
-from polar_tf import cli, data, progress, runfiles, training
+from polar_tf import cli, data, progress, run_dir, training
 from polar_tf.config import Config
 
 # Flag checks do not depend on the backend: run the command-line cases in the TensorFlow pass only.
@@ -159,11 +159,11 @@ def test_ctrl_c_stops_training_with_one_line_and_status_130_keeping_what_it_wrot
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.splitlines()[-1] == "train.py: interrupted"
     assert (workdir / "config.json").read_text() == config
-    assert runfiles.read_config(str(workdir)).epochs_per_stage == 100
+    assert run_dir.read_config(str(workdir)).epochs_per_stage == 100
     assert complete() and complete() == checkpoints()  # No temporary file left behind.
     for path in complete():
-        runfiles.load_model(str(path))  # Complete: each was written atomically.
-    epochs = [r["epoch"] for r in runfiles.MetricsLog(str(workdir / "metrics.jsonl")).read()]
+        run_dir.load_model(str(path))  # Complete: each was written atomically.
+    epochs = [r["epoch"] for r in run_dir.MetricsLog(str(workdir / "metrics.jsonl")).read()]
     assert epochs == list(range(len(epochs))) and len(epochs) >= 1
 
 
@@ -200,8 +200,8 @@ def test_nan_loss_stops_with_epoch_and_batch_and_keeps_checkpoints(tmp_path, mni
         training.train_and_evaluate(config, workdir, "2", mnist_subset_dir)
     with open(stage1, "rb") as f:
         assert f.read() == stage1_bytes
-    assert runfiles.latest_epoch_checkpoint(workdir)[0] == 0
-    assert [r["epoch"] for r in runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()] == [0]
+    assert run_dir.latest_epoch_checkpoint(workdir)[0] == 0
+    assert [r["epoch"] for r in run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()] == [0]
     assert not os.path.exists(os.path.join(workdir, "stage2.keras"))
 
 
@@ -210,7 +210,7 @@ def wrong_shape_model(tmp_path_factory):
     inputs = keras.Input((14, 14, 1))
     model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))
     path = str(tmp_path_factory.mktemp("wrong") / "wrong.keras")
-    runfiles.save_model(model, path)
+    run_dir.save_model(model, path)
     return path
 
 

@@ -11,7 +11,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import certified_training, certify, models, runfiles, schedule, training
+from polar_tf import certified_training, certify, models, run_dir, schedule, training
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd
 
@@ -207,7 +207,7 @@ def _stage_3(workdir: str, data_dir: str, stop_at: int | None = None) -> keras.M
     keras.utils.set_random_seed(0)
     model = models.build_model(config)
     training.compile_for_stage(model, config, 2)
-    runfiles.save_model(model, runfiles.checkpoint_path(workdir, config, 2))
+    run_dir.save_model(model, run_dir.checkpoint_path(workdir, config, 2))
     real = training.train_epoch
 
     def train_epoch(model, config, epoch, *args, **kwargs):
@@ -232,7 +232,7 @@ def certified_run(tmp_path_factory, mnist_subset_dir):
 
 def test_stage_3_trains_the_classifier_on_the_certified_loss_with_the_front_end_frozen(certified_run):
     workdir, final = certified_run
-    records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    records = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
     assert [(r["epoch"], r["stage"], r["saturate"]) for r in records] == [(4, 3, True), (5, 3, True)]
     # The last batch (of 2 per epoch) of epoch e is e - 4 + 1/2 epochs into the 2-epoch ramp.
     assert [r["ibp_eps"] for r in records] == pytest.approx([0.3 * 0.25, 0.3 * 0.75])
@@ -240,10 +240,10 @@ def test_stage_3_trains_the_classifier_on_the_certified_loss_with_the_front_end_
     for r in records:
         assert 0.0 <= r["certified_test_accuracy"] <= r["test_accuracy"]
         assert 0.0 <= r[certified_training.VERIFIED_FIT_ACCURACY] <= 1.0
-    stage2 = runfiles.load_model(os.path.join(workdir, "stage2.keras"))
-    stage3 = runfiles.load_model(os.path.join(workdir, "stage3.keras"))
+    stage2 = run_dir.load_model(os.path.join(workdir, "stage2.keras"))
+    stage3 = run_dir.load_model(os.path.join(workdir, "stage3.keras"))
     assert models.get_frontend(stage3).saturating and type(stage3) is type(stage2)  # a plain model
-    kernels = runfiles.load_filters(workdir)
+    kernels = run_dir.load_filters(workdir)
     assert sorted(kernels) == [5, 6]
     for kernel in (kernels[5], kernels[6], _numpy(models.get_frontend(stage3).kernel)):
         np.testing.assert_array_equal(kernel, _numpy(models.get_frontend(stage2).kernel))  # frozen
@@ -259,7 +259,7 @@ def test_an_interrupted_certified_run_resumes_mid_ramp_to_the_same_weights(certi
     # interrupted run stood (its position comes from the epoch), with the optimizer's state.
     for a, b in zip(whole.weights, resumed.weights):
         np.testing.assert_array_equal(_numpy(a), _numpy(b))
-    assert runfiles.MetricsLog(str(tmp_path / "metrics.jsonl")).read()[1]["ibp_eps"] == pytest.approx(0.3 * 0.75)
+    assert run_dir.MetricsLog(str(tmp_path / "metrics.jsonl")).read()[1]["ibp_eps"] == pytest.approx(0.3 * 0.75)
 
 
 def test_epoch_summary_adds_the_ramp_and_the_certified_accuracy():

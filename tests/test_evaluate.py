@@ -14,7 +14,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from polar_tf import adaptive, attacks, data, evaluation, models, report, runfiles
+from polar_tf import adaptive, attacks, data, evaluation, models, report, run_dir
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd
 
@@ -32,8 +32,8 @@ def workdir(tmp_path_factory):
     z = PolarizingFrontEnd(filters=25, jump=0.05, saturate=True, name="frontend")(inputs)
     hidden = keras.layers.Conv2D(4, 5, strides=2, activation="relu")(z)
     model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
-    runfiles.write_config(folder, Config(jump=0.05))
-    runfiles.save_model(model, os.path.join(folder, "stage3.keras"))
+    run_dir.write_config(folder, Config(jump=0.05))
+    run_dir.save_model(model, os.path.join(folder, "stage3.keras"))
     return folder
 
 
@@ -48,7 +48,7 @@ def tiny_model_path(tmp_path_factory):
         keras.layers.Dense(10),
     ])
     path = str(tmp_path_factory.mktemp("tiny") / "model.keras")
-    runfiles.save_model(model, path)
+    run_dir.save_model(model, path)
     return path
 
 
@@ -83,12 +83,12 @@ def test_eval_config_defaults_and_validation():
 
 def test_model_paths(workdir):
     checkpoint = os.path.join(workdir, "stage3.keras")
-    assert runfiles.resolve_model_path(workdir) == checkpoint
-    assert runfiles.resolve_model_path(checkpoint) == checkpoint
+    assert run_dir.resolve_model_path(workdir) == checkpoint
+    assert run_dir.resolve_model_path(checkpoint) == checkpoint
     assert evaluation.model_dataset(checkpoint) == "mnist"
     assert evaluation.model_label(checkpoint) == "mnist_polarized/stage3"
-    with pytest.raises(runfiles.CheckpointError, match="does not exist"):
-        runfiles.resolve_model_path(os.path.join(workdir, "missing.keras"))
+    with pytest.raises(run_dir.CheckpointError, match="does not exist"):
+        run_dir.resolve_model_path(os.path.join(workdir, "missing.keras"))
 
 
 def test_evaluate_writes_the_report_and_plots(workdir, tmp_path):
@@ -98,7 +98,7 @@ def test_evaluate_writes_the_report_and_plots(workdir, tmp_path):
     assert on_disk["models"][0]["accuracy"] == results["models"][0]["accuracy"]
     (model,) = results["models"]
     x, y = data.load("mnist", "test")
-    loaded = runfiles.load_model(os.path.join(workdir, "stage3.keras"))
+    loaded = run_dir.load_model(os.path.join(workdir, "stage3.keras"))
     assert model["clean_accuracy"] == models.accuracy(loaded, x[:10], y[:10])
     assert sorted(model["accuracy"]) == ["bim", "fgsm", "pgd"]
     assert len(model["runs"]) == 9  # 3 attacks at eps 0, 0.1 and 0.3
@@ -179,7 +179,7 @@ def test_evaluate_rejects_bad_inputs(workdir, tmp_path):
         evaluation.evaluate([], config)
     broken = tmp_path / "broken.keras"
     broken.write_bytes(b"not a zip")
-    with pytest.raises(runfiles.CheckpointError, match="not a .keras file"):
+    with pytest.raises(run_dir.CheckpointError, match="not a .keras file"):
         evaluation.evaluate([str(broken)], config)
     with pytest.raises(ValueError, match="num_examples"):
         evaluation.evaluate([workdir], evaluation.EvalConfig(num_examples=10**6))
@@ -252,18 +252,18 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(tmp_path,
     partial = {**complete, "models": [first], "plots": ["model_adversarial_examples.png"], "total_seconds": 100.0,
                "interrupted": True}
     os.remove(tmp_path / "results.json")
-    runfiles.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
+    run_dir.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
     resumed = evaluation.evaluate(paths, config, str(tmp_path))
     assert resumed["models"][0] == first  # taken over, not evaluated again
     assert resumed["models"][1]["accuracy"] == complete["models"][1]["accuracy"]  # same model, batches and seed
     assert resumed["total_seconds"] > 100.0 and resumed["plots"][:2] == ["accuracy_vs_eps.png", "model_adversarial_examples.png"]
     assert not (tmp_path / evaluation.PARTIAL_RESULTS).exists()  # superseded by results.json
     # A partial run of other settings, or of other models, is not taken over.
-    runfiles.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
+    run_dir.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
     assert evaluation.finished_results(str(tmp_path), paths, config, partial=True)["models"] == [first]
     for other in (dict(partial, config={**partial["config"], "steps": 3}),
                   dict(partial, models=[{**first, "path": os.path.abspath(workdir)}])):
-        runfiles.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), other)
+        run_dir.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), other)
         assert evaluation.finished_results(str(tmp_path), paths, config, partial=True) is None
 
 
@@ -273,7 +273,7 @@ def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
     output_dir = str(tmp_path / "results" / "full_protocol" / "mnist_table")
     written = {"config": dataclasses.asdict(config), "output_dir": "/device/checkout/results/full_protocol/mnist_table",
                "models": [{"path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"}]}
-    runfiles.write_json(os.path.join(output_dir, "results.json"), written)
+    run_dir.write_json(os.path.join(output_dir, "results.json"), written)
     here = str(tmp_path / "pretrained" / "full_protocol" / "mnist_baseline.keras")
     assert evaluation.finished_results(output_dir, [here], config)["models"] == written["models"]
     assert evaluation.finished_results(output_dir, [str(tmp_path / "pretrained" / "mnist_baseline.keras")], config) is None
@@ -281,12 +281,12 @@ def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
     assert evaluation.finished_results(output_dir, [here], config, partial=True) is None  # no partial results there
     # Written before pgd_examples existed: PGD ran on every image, which is what None asks for.
     del written["config"]["pgd_examples"]
-    runfiles.write_json(os.path.join(output_dir, "results.json"), written)
+    run_dir.write_json(os.path.join(output_dir, "results.json"), written)
     assert evaluation.finished_results(output_dir, [here], config) is not None
     assert evaluation.finished_results(output_dir, [here], dataclasses.replace(config, pgd_examples=10)) is None
     # The adaptive suite's transfer source likewise, though its config holds it as given (here: relative).
     suite = adaptive.AdaptiveConfig(dataset="mnist", transfer_from="pretrained/full_protocol/mnist_baseline.keras")
-    runfiles.write_json(os.path.join(output_dir, "results.json"), {
+    run_dir.write_json(os.path.join(output_dir, "results.json"), {
         **written, "config": dataclasses.asdict(suite),
         "transfer_from_path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"})
     assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
@@ -301,9 +301,9 @@ def test_a_model_replaced_at_the_same_path_is_evaluated_again(tmp_path, tiny_mod
     results = evaluation.evaluate([path], config, output_dir=str(tmp_path / "out"))
     assert results["models"][0]["sha256"] == report.fingerprint(path)
     assert evaluation.finished_results(str(tmp_path / "out"), [path], config) is not None
-    other = runfiles.load_model(path)
+    other = run_dir.load_model(path)
     other.set_weights([w + 1.0 for w in other.get_weights()])
-    runfiles.save_model(other, path)
+    run_dir.save_model(other, path)
     assert evaluation.finished_results(str(tmp_path / "out"), [path], config) is None
 
 

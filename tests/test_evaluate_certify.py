@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from polar_tf import certify, evaluation, models, runfiles, training
+from polar_tf import certify, evaluation, models, run_dir, training
 from polar_tf.config import Config
 
 
@@ -27,7 +27,7 @@ def polarized_checkpoint(tmp_path_factory, mnist):
     frontend.set_saturation(True)
     model.fit(x_train[:3000], y_train[:3000], batch_size=64, epochs=2, verbose=0)
     path = str(tmp_path_factory.mktemp("model") / "model.keras")
-    runfiles.save_model(model, path)
+    run_dir.save_model(model, path)
     return path
 
 

@@ -10,7 +10,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import models, runfiles
+from polar_tf import models, run_dir
 from polar_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def saved_checkpoint(tmp_path_factory):
     model = models.build_model(Config())
     models.get_frontend(model).set_saturation(True)
     path = str(tmp_path_factory.mktemp("ckpt") / "model.keras")
-    runfiles.save_model(model, path)
+    run_dir.save_model(model, path)
     return path
 
 
@@ -62,7 +62,7 @@ def test_saved_model_serves_the_keras_outputs_without_polar_tf(tmp_path, saved_c
     )
     assert served.returncode == 0, served.stderr[-2000:]
     out = np.load(tmp_path / "out.npz")
-    model = runfiles.load_model(saved_checkpoint)
+    model = run_dir.load_model(saved_checkpoint)
     expected = ops.convert_to_numpy(model(x))
     _assert_same_logits(model, x, out["logits"], expected)
     # The probabilities are the softmax of the served logits (float32 exp and division: within a
@@ -76,7 +76,7 @@ def test_export_replaces_an_existing_dir_and_fails_cleanly(tmp_path, saved_check
     from polar_tf.export import export_saved_model
 
     export_dir = str(tmp_path / "export")
-    model = runfiles.load_model(saved_checkpoint)
+    model = run_dir.load_model(saved_checkpoint)
     export_saved_model(model, export_dir)
     export_saved_model(model, export_dir)
     assert sorted(os.listdir(tmp_path)) == ["export"]
@@ -97,15 +97,15 @@ def test_checkpoint_loads_and_predicts_identically_under_each_backend(tmp_path, 
     script = (
         "import sys, numpy as np\n"
         "from keras import ops\n"
-        "from polar_tf import runfiles\n"
-        f"model = runfiles.load_model({saved_checkpoint!r})\n"
+        "from polar_tf import run_dir\n"
+        f"model = run_dir.load_model({saved_checkpoint!r})\n"
         "np.save(sys.argv[2], ops.convert_to_numpy(model(np.load(sys.argv[1]))))\n"
     )
     env = {**os.environ, "KERAS_BACKEND": other, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    model = runfiles.load_model(saved_checkpoint)
+    model = run_dir.load_model(saved_checkpoint)
     expected = ops.convert_to_numpy(model(x))
     if other == keras.backend.backend():
         # Exact: the same backend runs the same kernels on the same shapes with the same thread

@@ -20,7 +20,7 @@ import time
 import keras
 import pytest
 
-from polar_tf import gpu_reproduce, reproduce, runfiles, state_archive
+from polar_tf import gpu_reproduce, reproduce, run_dir, state_archive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = [sys.executable, "-m", "polar_tf.gpu_reproduce"]
@@ -98,7 +98,7 @@ def test_a_call_stopped_by_its_budget_is_continued_by_the_next_without_redoing_w
     kept = {}  # epochs whose checkpoint came back (a stop between an epoch's metrics and its checkpoint loses it)
     for model in set(MODELS) - set(finished):
         assert len(after_first[model]) == status[f"train mnist {model}"]["epochs_done"] < status[f"train mnist {model}"]["epochs"]
-        latest = runfiles.latest_epoch_checkpoint(str(second / "runs" / "full_protocol" / f"mnist_{model}"))
+        latest = run_dir.latest_epoch_checkpoint(str(second / "runs" / "full_protocol" / f"mnist_{model}"))
         kept[model] = 0 if latest is None else latest[0] + 1
     assert sum(kept.values()) + len(finished) > 0
     partial = second / "results" / "full_protocol" / "mnist_table" / "results.partial.json"

@@ -4,7 +4,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import models, runfiles
+from polar_tf import models, run_dir
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 
@@ -106,8 +106,8 @@ def test_keras_save_load_gives_identical_outputs(tmp_path, name):
         frontend.set_saturation(True)
         frontend.set_regularizer("b2", 0.3)
     path = str(tmp_path / "m.keras")
-    runfiles.save_model(model, path)
-    loaded = runfiles.load_model(path)
+    run_dir.save_model(model, path)
+    loaded = run_dir.load_model(path)
     x = np.random.default_rng(1).random((8, 28, 28, 1), dtype=np.float32)
     # Exact: the same weights through the same eager ops on the same batch, in one process.
     np.testing.assert_array_equal(ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)))
@@ -117,9 +117,9 @@ def test_keras_save_load_gives_identical_outputs(tmp_path, name):
 
 
 def test_load_errors_are_one_line(tmp_path):
-    with pytest.raises(runfiles.CheckpointError, match="does not exist"):
-        runfiles.load_model(str(tmp_path / "missing.keras"))
+    with pytest.raises(run_dir.CheckpointError, match="does not exist"):
+        run_dir.load_model(str(tmp_path / "missing.keras"))
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"not a zip file")
-    with pytest.raises(runfiles.CheckpointError, match="not a .keras file"):
-        runfiles.load_model(str(bad))
+    with pytest.raises(run_dir.CheckpointError, match="not a .keras file"):
+        run_dir.load_model(str(bad))

@@ -15,7 +15,7 @@ sys.modules["tensorflow"] = None  # as if not installed: any import of it raises
 sys.modules["tensorflow_datasets"] = None
 os.environ["KERAS_BACKEND"] = "jax"
 import polar_tf
-from polar_tf import config, runfiles, training
+from polar_tf import config, run_dir, training
 workdir = tempfile.mkdtemp()
 training.train_and_evaluate(config.Config(epochs_per_stage=1, train_examples=64), workdir, "all", sys.argv[1])
 assert os.path.isfile(os.path.join(workdir, "stage3.keras"))

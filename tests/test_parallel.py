@@ -113,11 +113,11 @@ def test_two_devices_train_the_schedule_as_one_device(two_devices):
 @jax_pass
 def test_data_parallel_checkpoints_resume_and_load_on_one_device(two_devices):
     r, out = two_devices
-    from polar_tf import runfiles
+    from polar_tf import run_dir
 
     workdir = os.path.join(out, "parallel")
     # Stage 1, then "all": stages 2 and 3 resumed from the stage-1 checkpoint; one record per epoch.
-    records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    records = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
     assert [(rec["epoch"], rec["stage"]) for rec in records] == [(0, 1), (1, 2), (2, 3)]
     # The model trained on 2 devices, loaded on one, computes what it computes on 2.
     np.testing.assert_allclose(r["one_device_logits"], r["parallel_logits"], rtol=0,

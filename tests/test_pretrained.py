@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import float_paths
-from polar_tf import data, models, reproduce, runfiles
+from polar_tf import data, models, reproduce, run_dir
 from polar_tf.config import DATASETS, Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +19,7 @@ SHIPPED = [(dataset, model) for dataset in DATASETS for model, _ in reproduce.RO
 @pytest.mark.parametrize("dataset,model_name", SHIPPED)
 def test_pretrained_model_reaches_recorded_clean_accuracy(dataset, model_name):
     name = f"{dataset}_{model_name}"
-    model = runfiles.load_model(os.path.join(ROOT, "pretrained", f"{name}.keras"), compile=False)
+    model = run_dir.load_model(os.path.join(ROOT, "pretrained", f"{name}.keras"), compile=False)
     with open(os.path.join(ROOT, "pretrained", f"{name}.config.json")) as f:
         config = Config.from_dict(json.load(f))
     with open(os.path.join(ROOT, "results", "reproduction", f"{dataset}_table", "results.json")) as f:

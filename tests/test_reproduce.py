@@ -7,7 +7,7 @@ import os
 import keras
 import pytest
 
-from polar_tf import reproduce, runfiles
+from polar_tf import reproduce, run_dir
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="one backend suffices for the pipeline")
@@ -34,12 +34,12 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     for model in ("baseline", "adversarial", "polarized"):
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.keras"))
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.metrics.jsonl"))
-        config = runfiles.read_config(os.path.join(root, f"mnist_{model}"))
+        config = run_dir.read_config(os.path.join(root, f"mnist_{model}"))
         assert config.model == model
         # Only the adversarial model takes the protocol's adversarial epochs and PGD steps.
         expected = (2, 2) if model == "adversarial" else (1, 40)
         assert (config.epochs_per_stage, config.adv_steps) == expected
-        assert len(runfiles.MetricsLog(os.path.join(root, f"mnist_{model}", "metrics.jsonl")).read()) == 3 * expected[0]
+        assert len(run_dir.MetricsLog(os.path.join(root, f"mnist_{model}", "metrics.jsonl")).read()) == 3 * expected[0]
     with open(os.path.join(results, "mnist_adaptive", "results.json")) as f:
         suite = json.load(f)
     # The adaptive column is the suite's per-example worst case, and the transfer comes from the undefended model,
@@ -103,9 +103,9 @@ def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage
 
 def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_differences(tmp_path):
     workdir = tmp_path / "runs" / "fashion_seed1"
-    runfiles.write_json(str(workdir / "config.json"),
+    run_dir.write_json(str(workdir / "config.json"),
                         reproduce.Config(dataset="fashion_mnist", model="polarized", seed=1, epochs_per_stage=1, jump=0.2).to_dict())
-    log = runfiles.MetricsLog(str(workdir / "metrics.jsonl"))
+    log = run_dir.MetricsLog(str(workdir / "metrics.jsonl"))
     for epoch, frac in enumerate((0.2, 0.1, 0.05)):
         log.append({"epoch": epoch, "stage": epoch + 1, "frac_within_eps_of_jump": frac})
     model = str(workdir / "stage3.keras")
@@ -121,7 +121,7 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
              "suite": "adaptive", "config": suite_config,
              "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.9, "worst_case_accuracy": 0.125}]}
     for name, results in (("table", table), ("adaptive", suite)):
-        runfiles.write_json(str(tmp_path / name / "results.json"), results)
+        run_dir.write_json(str(tmp_path / name / "results.json"), results)
     further = reproduce.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive")))
     assert len(further["models"]) == 1
     text = reproduce.further_markdown(further, str(tmp_path))
@@ -142,20 +142,20 @@ def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_t
     config = reproduce.Config(dataset="mnist", model="polarized", epochs_per_stage=1, train_examples=128)
     pretrained, root = tmp_path / "pretrained", tmp_path / "runs"
     stem = str(pretrained / "mnist_polarized")
-    runfiles.write_json(stem + ".config.json", config.to_dict())
-    runfiles.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1, "epoch_seconds": 2.5, "test_accuracy": 0.5})
+    run_dir.write_json(stem + ".config.json", config.to_dict())
+    run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1, "epoch_seconds": 2.5, "test_accuracy": 0.5})
     (pretrained / "mnist_polarized.keras").write_bytes(b"")
     workdir = str(root / "mnist_polarized")
-    assert reproduce._shipped(str(pretrained), config, workdir) == stem + ".keras"
-    assert reproduce._shipped(str(pretrained), config.replace(seed=1), workdir) is None  # trained otherwise
-    assert reproduce._shipped(None, config, workdir) is None
-    assert reproduce._shipped(str(pretrained), config.replace(model="baseline"), str(root / "mnist_baseline")) is None
+    assert run_dir.shipped_model(str(pretrained), config, workdir) == stem + ".keras"
+    assert run_dir.shipped_model(str(pretrained), config.replace(seed=1), workdir) is None  # trained otherwise
+    assert run_dir.shipped_model(None, config, workdir) is None
+    assert run_dir.shipped_model(str(pretrained), config.replace(model="baseline"), str(root / "mnist_baseline")) is None
     # How the shipped model was trained is read from the files beside it, for the report.
     summary = reproduce._training_summary(stem + ".keras", workdir, str(tmp_path / "results"))
     assert (summary["seed"], summary["epochs"], summary["train_seconds"], summary["figures"]) == (0, 1, 2.5, [])
     assert f"--workdir={workdir} --epochs_per_stage=1 --train_examples=128" in summary["command"]
-    runfiles.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
-    assert reproduce._shipped(str(pretrained), config, workdir) is None
+    run_dir.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
+    assert run_dir.shipped_model(str(pretrained), config, workdir) is None
 
 
 def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_readme_block(tmp_path):
@@ -164,8 +164,8 @@ def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_re
                                                   ibp_ramp_epochs=5)),
                          ("plain", reproduce.Config(dataset="mnist", model="polarized"))):
         workdir = tmp_path / "runs" / name
-        runfiles.write_json(str(workdir / "config.json"), config.to_dict())
-        log = runfiles.MetricsLog(str(workdir / "metrics.jsonl"))
+        run_dir.write_json(str(workdir / "config.json"), config.to_dict())
+        log = run_dir.MetricsLog(str(workdir / "metrics.jsonl"))
         for epoch in range(config.total_epochs):
             log.append({"epoch": epoch, "stage": 1 + epoch // config.epochs_per_stage})
         runs[name] = str(workdir / "stage3.keras")
@@ -183,7 +183,7 @@ def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_re
              "suite": "adaptive", "config": dataclasses.asdict(reproduce.adaptive.AdaptiveConfig()),
              "models": [{"path": runs["ibp"], "label": "ibp/stage3", "clean_accuracy": 0.98, "worst_case_accuracy": 0.9}]}
     for name, results in (("table", table), ("adaptive", suite)):
-        runfiles.write_json(str(tmp_path / name / "results.json"), results)
+        run_dir.write_json(str(tmp_path / name / "results.json"), results)
     text = reproduce.certified_markdown(reproduce.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive"))),
                                         str(tmp_path))
     rows = text.splitlines()

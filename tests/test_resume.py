@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from polar_tf import runfiles
+from polar_tf import run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"epoch_seconds", "images_per_second"}
@@ -26,12 +26,12 @@ def _command(workdir, data_dir):
 
 
 def _weights(workdir):
-    model = runfiles.load_model(os.path.join(workdir, "stage3.keras"))
+    model = run_dir.load_model(os.path.join(workdir, "stage3.keras"))
     return [ops.convert_to_numpy(w) for w in model.weights]
 
 
 def _metrics(workdir):
-    records = runfiles.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    records = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
@@ -84,24 +84,24 @@ def test_truncated_and_foreign_checkpoints_get_clear_errors(tmp_path, uninterrup
         blob = f.read()
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(runfiles.CheckpointError, match="is not a .keras file"):
-        runfiles.load_model(str(truncated))
+    with pytest.raises(run_dir.CheckpointError, match="is not a .keras file"):
+        run_dir.load_model(str(truncated))
     foreign = tmp_path / "foreign.keras"
     with zipfile.ZipFile(foreign, "w") as z:
         z.writestr("hello.txt", "not a model")
-    with pytest.raises(runfiles.CheckpointError, match="could not be loaded"):
-        runfiles.load_model(str(foreign))
+    with pytest.raises(run_dir.CheckpointError, match="could not be loaded"):
+        run_dir.load_model(str(foreign))
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "results.json")
-    runfiles.write_json(path, {"accuracy": 0.99})
+    run_dir.write_json(path, {"accuracy": 0.99})
 
     class Unserializable:
         pass
 
     with pytest.raises(TypeError):
-        runfiles.write_json(path, {"accuracy": Unserializable()})
+        run_dir.write_json(path, {"accuracy": Unserializable()})
     with open(path) as f:
         assert f.read() == '{\n  "accuracy": 0.99\n}\n'
     assert os.listdir(tmp_path) == ["results.json"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from polar_tf import models, runfiles, training
+from polar_tf import models, run_dir, training
 from polar_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +36,9 @@ def smoke_run(tmp_path_factory, mnist_subset_dir):
 def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
     for name in ("stage1.keras", "stage2.keras", "stage3.keras", "config.json", "metrics.jsonl", "export/saved_model.pb"):
         assert os.path.isfile(os.path.join(smoke_run, name)), name
-    config = runfiles.read_config(smoke_run)
+    config = run_dir.read_config(smoke_run)
     assert (config.dataset, config.model, config.epochs_per_stage, config.jump) == ("mnist", "polarized", 1, 0.5)
-    records = runfiles.MetricsLog(os.path.join(smoke_run, "metrics.jsonl")).read()
+    records = run_dir.MetricsLog(os.path.join(smoke_run, "metrics.jsonl")).read()
     assert [(r["epoch"], r["stage"], r["regularizer"], r["saturate"]) for r in records] == [
         (0, 1, "b1", False), (1, 2, "b2", False), (2, 3, "none", True),
     ]
@@ -47,9 +47,9 @@ def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
         assert 0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["loss"])
         assert 0.04 <= r["filter_concentration"] <= 1.0 and len(r["filter_concentrations"]) == 25
     # The front end's kernel as initialised and after every epoch; frozen in stage 3.
-    kernels = runfiles.load_filters(smoke_run)
+    kernels = run_dir.load_filters(smoke_run)
     assert sorted(kernels) == [0, 1, 2, 3]
-    stage3 = runfiles.load_model(os.path.join(smoke_run, "stage3.keras"))
+    stage3 = run_dir.load_model(os.path.join(smoke_run, "stage3.keras"))
     np.testing.assert_array_equal(kernels[3], ops.convert_to_numpy(models.get_frontend(stage3).kernel))
     assert not np.array_equal(kernels[0], kernels[1])
     for stage in (1, 2, 3):
@@ -62,12 +62,12 @@ def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
 def test_final_model_saturates_and_matches_recorded_accuracy(smoke_run, mnist_subset_dir):
     from polar_tf import data
 
-    model = runfiles.load_model(runfiles.final_checkpoint(smoke_run))
+    model = run_dir.load_model(run_dir.final_checkpoint(smoke_run))
     assert models.get_frontend(model).saturating
     x_test, y_test = data.load("mnist", "test", mnist_subset_dir)
     outputs = ops.convert_to_numpy(models.get_frontend(model)(x_test[:4]))
     assert set(np.unique(outputs)) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
-    last = runfiles.MetricsLog(os.path.join(smoke_run, "metrics.jsonl")).read()[-1]
+    last = run_dir.MetricsLog(os.path.join(smoke_run, "metrics.jsonl")).read()[-1]
     # Exact, near-ties included: train.py ran this same predict (one batch of the same 200 images,
     # same backend and compile settings) on the same float32 weights, in a process with this one's
     # environment (thread count) on this machine, so every logit has the same bits.
@@ -112,7 +112,7 @@ def test_stage_3_freezes_front_end_and_carries_optimizer_state(tmp_path, mnist_s
     workdir = str(tmp_path)
     training.train_and_evaluate(config, workdir, "1", mnist_subset_dir)
     training.train_and_evaluate(config, workdir, "2", mnist_subset_dir)
-    stage2 = runfiles.load_model(os.path.join(workdir, "stage2.keras"))
+    stage2 = run_dir.load_model(os.path.join(workdir, "stage2.keras"))
     model = training.prepare_stage(config, workdir, 3)
     assert not models.get_frontend(model).trainable
     names = {v.name for v in model.optimizer.variables}
@@ -131,7 +131,7 @@ def test_stage_3_freezes_front_end_and_carries_optimizer_state(tmp_path, mnist_s
 
 
 def test_workdir_with_another_config_is_refused(tmp_path, mnist_subset_dir):
-    runfiles.write_config(str(tmp_path), Config(epochs_per_stage=1))
+    run_dir.write_config(str(tmp_path), Config(epochs_per_stage=1))
     with pytest.raises(ValueError, match="differs in epochs_per_stage"):
         training.train_and_evaluate(Config(epochs_per_stage=2), str(tmp_path), "all", mnist_subset_dir)
 
@@ -141,7 +141,7 @@ def test_one_stage_models_train(tmp_path, mnist_subset_dir, model):
     config = Config(model=model, epochs_per_stage=1, train_examples=128)
     trained = training.train_and_evaluate(config, str(tmp_path), "all", mnist_subset_dir)
     assert os.path.isfile(os.path.join(tmp_path, "model.keras"))
-    records = runfiles.MetricsLog(os.path.join(tmp_path, "metrics.jsonl")).read()
+    records = run_dir.MetricsLog(os.path.join(tmp_path, "metrics.jsonl")).read()
     assert [r["epoch"] for r in records] == [0, 1, 2] and trained.name == model
     with pytest.raises(ValueError, match="--stage must be all for model"):
         training.parse_stages(config, "2")

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from polar_tf import monitoring, runfiles, trajectory
+from polar_tf import monitoring, run_dir, trajectory
 from polar_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,11 +61,11 @@ def test_reference_files_are_read_in_keras_layout(tmp_path):
 def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
     workdir = tmp_path / "run"
     config = Config(dataset="fashion_mnist", jump=0.3, epochs_per_stage=1)
-    runfiles.write_config(str(workdir), config)
+    run_dir.write_config(str(workdir), config)
     one_pixel = np.zeros((5, 5, 1, 25), np.float32)
     one_pixel[2, 2] = 1.0
     for epochs, kernel in ((0, np.ones((5, 5, 1, 25), np.float32)), (5, one_pixel)):
-        runfiles.save_filters(str(workdir), epochs, kernel)
+        run_dir.save_filters(str(workdir), epochs, kernel)
     _write_reference(str(tmp_path / "ref"), [0, 5, 10])
     # The fixture holds MNIST images; a fashion_mnist folder pointing at them serves here.
     data_dir = tmp_path / "data"

@@ -1,4 +1,4 @@
-"""Files of a run's workdir: config, metrics, checkpoints; every write is atomic.
+"""A training run's files, and the shipped models' layout; every write is atomic.
 
 A workdir holds
   config.json           the Config of the run, written before training starts
@@ -8,6 +8,9 @@ A workdir holds
   filters/              the front end's raw kernel after N epochs (after_NNNN_epochs.npy, N = 0 first)
   tb/                   TensorBoard events
   plots/                PNG figures written at the end of each stage
+
+A shipped model (pretrained/) is <dataset>_<model>.keras with its run's config and metrics beside
+it: <dataset>_<model>.config.json and <dataset>_<model>.metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from typing import Any, Callable
 
 import keras
 import numpy as np
+from absl import logging
 
 from polar_tf import frontend  # noqa: F401  (registers the custom layers for loading)
 from polar_tf.config import Config
@@ -216,3 +221,48 @@ class MetricsLog:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def shipped_stem(pretrained_dir: str, config: Config) -> str:
+    """A shipped model's path without its suffix: pretrained_dir/<dataset>_<model>."""
+    return os.path.join(pretrained_dir, f"{config.dataset}_{config.model}")
+
+
+def shipped_model(pretrained_dir: str | None, config: Config, workdir: str) -> str | None:
+    """The shipped model trained with exactly `config`, where `workdir` holds no run of its own
+    (a fresh checkout): it is evaluated instead of training again. None where there is none."""
+    if not pretrained_dir or os.path.isfile(os.path.join(workdir, "config.json")):
+        return None
+    stem = shipped_stem(pretrained_dir, config)
+    if not all(os.path.isfile(stem + suffix) for suffix in (".keras", ".config.json", ".metrics.jsonl")):
+        return None
+    if run_record(stem + ".keras")[0] != config:
+        return None
+    logging.info("%s holds no run; evaluating the shipped %s.keras, trained with the same config", workdir, stem)
+    return stem + ".keras"
+
+
+def run_record(model_path: str) -> tuple[Config, list[dict]] | None:
+    """How a model was trained: its config and per-epoch metrics, from beside a shipped model
+    (<name>.config.json, <name>.metrics.jsonl) or from its run folder; None where neither is."""
+    stem, workdir = model_path[: -len(".keras")], os.path.dirname(model_path)
+    for config_path, metrics_path in ((stem + ".config.json", stem + ".metrics.jsonl"),
+                                      (os.path.join(workdir, "config.json"), os.path.join(workdir, "metrics.jsonl"))):
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                return Config.from_dict(json.load(f)), MetricsLog(metrics_path).read()
+    return None
+
+
+def ship_pretrained(path: str, folder: str) -> str:
+    """Copies a finished run's model, with its config and metrics beside it, into `folder`; returns
+    the copy. Each file is replaced at once (a copy, then a rename), the model last."""
+    workdir = os.path.dirname(path)
+    config = read_config(workdir)
+    stem = shipped_stem(folder, config)
+    write_json(stem + ".config.json", config.to_dict())
+    for source, target in ((os.path.join(workdir, "metrics.jsonl"), stem + ".metrics.jsonl"), (path, stem + ".keras")):
+        partial = target + ".tmp"
+        shutil.copyfile(source, partial)
+        os.replace(partial, target)
+    return stem + ".keras"

@@ -1,4 +1,4 @@
-"""Tests of polar_tf.runfiles: the files of a run folder, written so that a kill never corrupts them."""
+"""Tests of polar_tf.run_dir: the files of a run folder, written so that a kill never corrupts them."""
 
 import json
 import os
@@ -6,20 +6,20 @@ import os
 import numpy as np
 import pytest
 
-from polar_tf import runfiles
+from polar_tf import run_dir
 from polar_tf.config import Config
 
 
 def test_checkpoint_names_follow_the_number_of_stages(tmp_path):
-    assert runfiles.checkpoint_path("w", Config(model="polarized"), 2) == os.path.join("w", "stage2.keras")
-    assert runfiles.checkpoint_path("w", Config(model="baseline"), 1) == os.path.join("w", "model.keras")
-    runfiles.write_config(str(tmp_path), Config(model="polarized", epochs_per_stage=3))
-    assert runfiles.read_config(str(tmp_path)) == Config(model="polarized", epochs_per_stage=3)
-    assert runfiles.final_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), "stage3.keras")
+    assert run_dir.checkpoint_path("w", Config(model="polarized"), 2) == os.path.join("w", "stage2.keras")
+    assert run_dir.checkpoint_path("w", Config(model="baseline"), 1) == os.path.join("w", "model.keras")
+    run_dir.write_config(str(tmp_path), Config(model="polarized", epochs_per_stage=3))
+    assert run_dir.read_config(str(tmp_path)) == Config(model="polarized", epochs_per_stage=3)
+    assert run_dir.final_checkpoint(str(tmp_path)) == os.path.join(str(tmp_path), "stage3.keras")
 
 
 def test_metrics_log_appends_reads_and_truncates_whole_lines(tmp_path):
-    log = runfiles.MetricsLog(str(tmp_path / "run" / "metrics.jsonl"))
+    log = run_dir.MetricsLog(str(tmp_path / "run" / "metrics.jsonl"))
     assert log.read() == []
     for epoch in range(4):
         log.append({"epoch": epoch, "loss": 1.0 / (epoch + 1)})
@@ -33,7 +33,7 @@ def test_metrics_log_appends_reads_and_truncates_whole_lines(tmp_path):
 
 def test_a_write_that_fails_halfway_keeps_the_earlier_file_and_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "model.keras")
-    runfiles.write_text(path, "the earlier file")
+    run_dir.write_text(path, "the earlier file")
 
     class FailsHalfway:
         def save(self, target):
@@ -42,7 +42,7 @@ def test_a_write_that_fails_halfway_keeps_the_earlier_file_and_leaves_no_tempora
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        runfiles.save_model(FailsHalfway(), path)
+        run_dir.save_model(FailsHalfway(), path)
     assert open(path).read() == "the earlier file"
     assert os.listdir(tmp_path) == ["model.keras"]
 
@@ -52,25 +52,25 @@ def test_epoch_checkpoints_keep_only_the_newest(tmp_path):
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     for epoch in (0, 1, 2):
-        runfiles.save_epoch_checkpoint(model, str(tmp_path), epoch)
-    assert runfiles.latest_epoch_checkpoint(str(tmp_path)) == (2, os.path.join(str(tmp_path), "checkpoints", "epoch_0002.keras"))
+        run_dir.save_epoch_checkpoint(model, str(tmp_path), epoch)
+    assert run_dir.latest_epoch_checkpoint(str(tmp_path)) == (2, os.path.join(str(tmp_path), "checkpoints", "epoch_0002.keras"))
     assert os.listdir(tmp_path / "checkpoints") == ["epoch_0002.keras"]
     (tmp_path / "checkpoints" / ".epoch_0003.keras.abc.tmp.keras").write_bytes(b"partial")
-    runfiles.remove_stale_temporaries(str(tmp_path))
+    run_dir.remove_stale_temporaries(str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["epoch_0002.keras"]
 
 
 def test_filters_round_trip_by_epoch(tmp_path):
     kernels = {epochs: np.full((5, 5, 1, 2), epochs, np.float32) for epochs in (0, 5, 12)}
     for epochs, kernel in kernels.items():
-        runfiles.save_filters(str(tmp_path), epochs, kernel)
-    loaded = runfiles.load_filters(str(tmp_path))
+        run_dir.save_filters(str(tmp_path), epochs, kernel)
+    loaded = run_dir.load_filters(str(tmp_path))
     assert sorted(loaded) == [0, 5, 12]
     for epochs, kernel in kernels.items():
         np.testing.assert_array_equal(loaded[epochs], kernel)
-    assert runfiles.load_filters(str(tmp_path / "elsewhere")) == {}
+    assert run_dir.load_filters(str(tmp_path / "elsewhere")) == {}
 
 
 def test_a_missing_model_is_a_checkpoint_error(tmp_path):
-    with pytest.raises(runfiles.CheckpointError, match="does not exist"):
-        runfiles.resolve_model_path(str(tmp_path / "missing.keras"))
+    with pytest.raises(run_dir.CheckpointError, match="does not exist"):
+        run_dir.resolve_model_path(str(tmp_path / "missing.keras"))
