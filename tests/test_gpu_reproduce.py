@@ -72,6 +72,7 @@ def _files(folder) -> dict[str, bytes]:
             for d, _, files in os.walk(folder) for f in files}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="runs its own processes: once, in the TensorFlow pass")
 def test_a_call_stopped_by_its_budget_is_continued_by_the_next_without_redoing_work(tmp_path, mnist_subset_dir):
     first, second = tmp_path / "first", tmp_path / "second"
@@ -148,6 +149,7 @@ def test_a_call_stopped_by_its_budget_is_continued_by_the_next_without_redoing_w
         os.chdir(ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sets its own backend: run once, in the TensorFlow pass")
 def test_on_jax_without_tensorflow_a_budget_too_short_for_any_unit_still_packs_and_exits_0(tmp_path, mnist_subset_dir):
     # The device has JAX but no TensorFlow: the program must not need it.

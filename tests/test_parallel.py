@@ -89,6 +89,7 @@ jax_pass = pytest.mark.skipif(keras.backend.backend() != "jax", reason="data par
 
 
 @jax_pass
+@pytest.mark.slow
 def test_two_devices_train_the_schedule_as_one_device(two_devices):
     r, _ = two_devices
     # It ran spread: the model's weights on both devices, an attack batch split across them.
@@ -111,6 +112,7 @@ def test_two_devices_train_the_schedule_as_one_device(two_devices):
 
 
 @jax_pass
+@pytest.mark.slow
 def test_data_parallel_checkpoints_resume_and_load_on_one_device(two_devices):
     r, out = two_devices
     from polar_tf import run_dir
@@ -127,6 +129,7 @@ def test_data_parallel_checkpoints_resume_and_load_on_one_device(two_devices):
 
 
 @jax_pass
+@pytest.mark.slow
 def test_attacks_and_certify_split_across_devices_match_one_device(two_devices):
     r, _ = two_devices
     x, eps = r["x"], 0.3

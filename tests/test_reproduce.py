@@ -10,6 +10,7 @@ import pytest
 from polar_tf import reproduce, run_dir
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="one backend suffices for the pipeline")
 def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_path, mnist_subset_dir):
     protocol = reproduce.Protocol(epochs_per_stage=1, train_examples=128, adv_epochs_per_stage=2, adv_steps=2,

@@ -43,6 +43,7 @@ def uninterrupted(tmp_path_factory, mnist_subset_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, mnist_subset_dir, uninterrupted):
     workdir = str(tmp_path)
     process = subprocess.Popen(_command(workdir, mnist_subset_dir), cwd=ROOT,
@@ -70,6 +71,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(tmp_path, mnist_subs
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_trains_nothing(uninterrupted, mnist_subset_dir):
     before = os.path.getmtime(os.path.join(uninterrupted, "stage3.keras"))
     result = subprocess.run(_command(uninterrupted, mnist_subset_dir), capture_output=True, text=True, cwd=ROOT)
@@ -79,6 +81,7 @@ def test_rerunning_a_finished_run_trains_nothing(uninterrupted, mnist_subset_dir
     assert [r["epoch"] for r in _metrics(uninterrupted)] == list(range(6))
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_checkpoints_get_clear_errors(tmp_path, uninterrupted):
     with open(os.path.join(uninterrupted, "stage3.keras"), "rb") as f:
         blob = f.read()
