@@ -1,21 +1,30 @@
-"""What the entry points share: a quiet start-up, flag definitions and parsing, one-line errors.
+"""What the entry points share: a quiet start-up, flags made from configs, command lines, one-line errors.
 
 Each entry point (train.py, evaluate.py, `python -m polar_tf.export`, `python -m polar_tf.reproduce`)
 calls `quiet_startup()` before anything imports Keras, parses its flags with `flags_parser(program)`
 and runs its work with `run_main(program, body)`. This module imports nothing heavy for that reason.
+
+A config dataclass (`config.Config`, `evaluation_config.EvalConfig` and `AdaptiveConfig`,
+`reproduction_protocol.Protocol`) is the one home of its settings: `define_config_flags` makes a
+flag of each field (same name, same default, the help its docstring's Attributes section gives),
+`config_from_flags` builds the config back from them, and `command_line` writes a config as the
+command line that parses back to it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
+import re
+import shlex
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
 
-from polar_tf.config import DATASETS
 
 VERBOSE_ENV = "POLAR_TF_VERBOSE"
 
@@ -46,10 +55,137 @@ def quiet_startup() -> None:
         os.close(devnull)
 
 
-def define_data_flags() -> None:
-    flags.DEFINE_enum("dataset", "mnist", list(DATASETS), "Dataset to use.")
-    flags.DEFINE_string("data_dir", None, "Folder of IDX files (default: $POLAR_TF_DATA_DIR, then tfds).")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
+def define_data_dir_flag(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    flags.DEFINE_string("data_dir", None, "Folder of IDX files (default: $POLAR_TF_DATA_DIR, then tfds).",
+                        flag_values=flag_values)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """{field: its description} from a dataclass docstring's Attributes section, where an entry
+    "a, b: text" describes both fields and deeper-indented lines continue the entry above."""
+    helps: dict[str, str] = {}
+    names: list[str] = []
+    inside = False
+    for line in (inspect.getdoc(cls) or "").splitlines():
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if not line.strip():
+            break
+        if entry := re.fullmatch(r"  ([a-z_0-9]+(?:, [a-z_0-9]+)*): (.*)", line):
+            names = entry.group(1).split(", ")
+            for name in names:
+                helps[name] = entry.group(2)
+        else:
+            for name in names:
+                helps[name] += " " + line.strip()
+    return helps
+
+
+def define_config_flags(cls: type, defaults: Mapping[str, Any] | None = None,
+                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines a flag for every field of the dataclass `cls`: its name, its default (or the one
+    `defaults` gives), its help from the docstring; an enum where the field's metadata has "choices".
+
+    A flag that another config already defined is shared when its default is the same (evaluate.py's
+    --dataset, --eps, --seed... serve both suites); a different default is a programming error."""
+    helps = field_help(cls)
+    for field in dataclasses.fields(cls):
+        name = field.name
+        default = (defaults or {}).get(name, field.default)
+        kind = _kind(field)
+        if kind == "list" and default is not None:
+            default = list(default)
+        elif kind == "text":
+            default = None if default is None or default == () else field.metadata["format"](default)
+        if name in flag_values:
+            if flag_values[name].default != default:
+                raise ValueError(f"flag --{name} is defined twice with different defaults")
+            continue
+        if name not in helps:
+            raise ValueError(f"{cls.__name__}'s docstring does not describe {name}")
+        text = helps[name]
+        if "choices" in field.metadata:
+            flags.DEFINE_enum(name, default, list(field.metadata["choices"]), text, flag_values=flag_values)
+        else:
+            define = {"str": flags.DEFINE_string, "text": flags.DEFINE_string, "int": flags.DEFINE_integer,
+                      "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "list": flags.DEFINE_list}[kind]
+            define(name, default, text, flag_values=flag_values)
+
+
+def config_from_flags(cls: type, values: Mapping[str, Any] | flags.FlagValues = flags.FLAGS, **overrides: Any) -> Any:
+    """The config `cls` from flag values (parsed flags, or {name: value} of some fields: the others
+    keep their defaults), with `overrides` on top. Raises ValueError for a value the config refuses."""
+    if isinstance(values, flags.FlagValues):
+        values = {field.name: values[field.name].value for field in dataclasses.fields(cls)}
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in values:
+            continue
+        value, kind = values[field.name], _kind(field)
+        if kind == "list" and value is not None:
+            value = tuple(value)
+        elif kind == "text":
+            value = field.default if value in (None, "") else field.metadata["parse"](value)
+        kwargs[field.name] = value
+    return cls(**{**kwargs, **overrides})
+
+
+def config_flags(config: Any, always: Sequence[str] = ()) -> list[str]:
+    """The flags that `config_from_flags` turns back into `config`: --name=value for every field
+    that differs from the config built with the fields `always` alone (those are always written)."""
+    base = type(config)(**{name: getattr(config, name) for name in always})
+    given = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name in always or getattr(config, f.name) != getattr(base, f.name)}
+    for field in dataclasses.fields(config):  # a value derived from the others (a default of None) goes
+        if field.default is None and field.name in given and field.name not in always:
+            if type(config)(**{k: v for k, v in given.items() if k != field.name}) == config:
+                del given[field.name]
+    return [flag_text(f.name, given[f.name], f) for f in dataclasses.fields(config) if f.name in given]
+
+
+def flag_text(name: str, value: Any, field: dataclasses.Field | None = None) -> str:
+    """One flag as a command line writes it: --name=value, --name / --noname for a bool."""
+    if field is not None and _kind(field) == "text":
+        return f"--{name}={field.metadata['format'](value)}"
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if value is None:
+        raise ValueError(f"--{name} cannot be written as a flag without a value")
+    if isinstance(value, (tuple, list)):
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, float):
+        value = repr(value)  # the shortest text that parses back to the same float
+    return f"--{name}={value}"
+
+
+def command_line(program: Sequence[str], configs: Sequence[Any] = (), leading: Mapping[str, Any] | None = None,
+                 trailing: Mapping[str, Any] | None = None, always: Sequence[str] = ()) -> str:
+    """The command that runs `program` (e.g. ["python", "train.py"]) with `configs` (see
+    `config_flags`; a field two configs share is written once), between the flags that are no config
+    field: `leading` first, `trailing` last (None values left out). Quoted for a POSIX shell."""
+    args = list(program) + [flag_text(k, v) for k, v in (leading or {}).items() if v is not None]
+    for config in configs:
+        for flag in config_flags(config, [a for a in always if a in {f.name for f in dataclasses.fields(config)}]):
+            if flag not in args:
+                args.append(flag)
+    args += [flag_text(k, v) for k, v in (trailing or {}).items() if v is not None]
+    return shlex.join(args)
+
+
+def _kind(field: dataclasses.Field) -> str:
+    """How a field is given as a flag: str, int, float, bool, list (comma-separated) or text (parsed
+    by its metadata's "parse", written by its "format")."""
+    if "parse" in field.metadata:
+        return "text"
+    kinds = {"str": "str", "str | None": "str", "int": "int", "int | None": "int", "float": "float",
+             "float | None": "float", "bool": "bool", "tuple[str, ...]": "list"}
+    kind = kinds.get(field.type if isinstance(field.type, str) else field.type.__name__)
+    if kind is None:
+        raise ValueError(f"field {field.name} ({field.type}) has no flag type: give it parse and format metadata")
+    return kind
 
 
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:

@@ -36,6 +36,16 @@ DEFAULT_EPS = {"mnist": 0.3, "fashion_mnist": 0.1}
 DIRECT_QUANT_JUMP = 0.2
 
 
+def choice(default: str, choices: tuple[str, ...]) -> Any:
+    """A config field that takes one of `choices` (its flag is an enum of them)."""
+    return dataclasses.field(default=default, metadata={"choices": choices})
+
+
+def _parse_jit_compile(text: str) -> str | bool:
+    """--jit_compile's text: "auto", or true/false (Keras' XLA switch)."""
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 # Fields added after runs had been recorded, with the value those earlier runs trained with.
 LEGACY_VALUES = {"adam_epsilon": 1e-7, "classifier_init": "glorot"}
 
@@ -87,12 +97,12 @@ class Config:
       ibp_kappa_final: kappa after the ramp (0.5, Gowal et al.).
     """
 
-    dataset: str = "mnist"
-    model: str = "polarized"
+    dataset: str = choice("mnist", DATASETS)
+    model: str = choice("polarized", MODELS)
     jump: float | None = None
     num_filters: int = 25
     kernel_size: int = 5
-    backward: str = "identity"
+    backward: str = choice("identity", BACKWARDS)
     steepness: float = 8.0
     sigma1: float = 0.35
     sigma2: float = 0.15
@@ -101,12 +111,12 @@ class Config:
     batch_size: int = 64
     lr: float = 1e-3
     adam_epsilon: float = 1e-8
-    classifier_init: str = "uniform_fan_in"
+    classifier_init: str = choice("uniform_fan_in", CLASSIFIER_INITS)
     lr_decay_epoch: float = 50 / 60
     seed: int = 0
     train_examples: int = 0
     steps_per_execution: int = 1
-    jit_compile: str | bool = "auto"
+    jit_compile: str | bool = dataclasses.field(default="auto", metadata={"parse": _parse_jit_compile, "format": str})
     eps: float | None = None
     adv_steps: int = 40
     adv_step_size: float | None = None

@@ -76,7 +76,7 @@ class Settings:
     """What the supervisor and its workers run: `polar_tf.reproduce`'s datasets, protocol and folders."""
 
     datasets: tuple[str, ...]
-    protocol: Any  # reproduce.Protocol
+    protocol: Any  # reproduction_protocol.Protocol
     root: str
     results_dir: str
     pretrained_dir: str
@@ -108,21 +108,21 @@ class Unit:
 
 def plan(settings: Settings) -> list[Unit]:
     """Every unit of the reproduction in the order they start, each marked done where its files are."""
-    from polar_tf import reproduce
+    from polar_tf import reproduce, reproduction_protocol, reproduction_results
 
     trains, evaluations = [], []
     for dataset in settings.datasets:
         paths = {model: reproduce.trained_model(dataset, model, settings.protocol, settings.root, settings.pretrained_dir)
-                 for model, _ in reproduce.ROWS}
-        needs = tuple(Unit("train", dataset, model).id for model, _ in reproduce.ROWS)
+                 for model, _ in reproduction_protocol.ROWS}
+        needs = tuple(Unit("train", dataset, model).id for model, _ in reproduction_protocol.ROWS)
         for model in TRAIN_ORDER:
             trains.append(Unit("train", dataset, model, done_before=paths[model] is not None))
-        ordered = [paths[model] for model, _ in reproduce.ROWS]
-        configs = reproduce.evaluation_configs(dataset, settings.protocol, ordered) if None not in ordered else {}
+        ordered = [paths[model] for model, _ in reproduction_protocol.ROWS]
+        configs = reproduction_protocol.evaluation_configs(dataset, settings.protocol, ordered) if None not in ordered else {}
         for kind in EVALUATION_ORDER:
             if kind in settings.evaluations:
-                done = bool(configs) and reproduce.finished_evaluation(
-                    reproduce.evaluation_dir(settings.results_dir, dataset, kind), ordered, configs[kind]) is not None
+                done = bool(configs) and reproduction_results.finished_evaluation(
+                    reproduction_protocol.evaluation_dir(settings.results_dir, dataset, kind), ordered, configs[kind]) is not None
                 evaluations.append(Unit("evaluate", dataset, kind, needs, done_before=done))
     trains.sort(key=lambda u: TRAIN_ORDER.index(u.name))
     evaluations.sort(key=lambda u: EVALUATION_ORDER.index(u.name))
@@ -142,13 +142,13 @@ def ready(units: list[Unit]) -> list[Unit]:
 
 
 def run_unit(unit: Unit, settings: Settings) -> None:
-    from polar_tf import reproduce
+    from polar_tf import reproduce, reproduction_protocol
 
     s = settings
     if unit.kind == "train":
         reproduce.train_model(unit.dataset, unit.name, s.protocol, s.root, s.data_dir, s.pretrained_dir, s.results_dir)
         return
-    paths = [reproduce.trained_model(unit.dataset, model, s.protocol, s.root, s.pretrained_dir) for model, _ in reproduce.ROWS]
+    paths = [reproduce.trained_model(unit.dataset, model, s.protocol, s.root, s.pretrained_dir) for model, _ in reproduction_protocol.ROWS]
     if None in paths:
         raise ValueError(f"{unit.id} needs the trained models of {unit.dataset}")
     reproduce.run_evaluation(unit.name, unit.dataset, s.protocol, paths, s.results_dir, s.data_dir)
@@ -341,14 +341,14 @@ def _stop(pool: list[_Worker], selector, grace: float) -> None:
 def _record_protocol(settings: Settings) -> None:
     """Writes results_dir/protocol.json; refuses a state of another protocol (its runs would refuse
     the trainings anyway, after the workers had started)."""
-    from polar_tf import reproduce
+    from polar_tf import reproduction_protocol
 
-    record = reproduce.read_protocol_record(settings.results_dir)
+    record = reproduction_protocol.read_protocol_record(settings.results_dir)
     if record is not None and record[0] != settings.protocol:
         old, new = dataclasses.asdict(record[0]), dataclasses.asdict(settings.protocol)
         raise ValueError(f"{settings.results_dir} holds a reproduction with another protocol (differs in "
                          f"{', '.join(k for k in new if old[k] != new[k])}); pass the same flags or another --results_dir")
-    reproduce.write_protocol_record(settings.results_dir, settings.protocol, settings.root, settings.pretrained_dir)
+    reproduction_protocol.write_protocol_record(settings.results_dir, settings.protocol, settings.root, settings.pretrained_dir)
 
 
 def _say(message: str) -> None:
@@ -393,7 +393,7 @@ def _summary(settings: Settings, units: list[Unit], before: dict[str, list], dev
              budget: float, pack_seconds: float, skip: set[str]) -> dict[str, Any]:
     """What the manifest records and the summary shows: per unit its status, wall time and speed
     figures from the records it added in this call; wall time per stage; what to carry."""
-    from polar_tf import reproduce
+    from polar_tf import reproduction_protocol
 
     rows = []
     for unit in units:
@@ -402,13 +402,13 @@ def _summary(settings: Settings, units: list[Unit], before: dict[str, list], dev
         row = {"unit": unit.id, "status": unit.status, "done_before": unit.done_before, "seconds": unit.seconds,
                "error": unit.error}
         if unit.kind == "train":
-            epochs = reproduce.training_config(unit.dataset, unit.name, settings.protocol).total_epochs
+            epochs = reproduction_protocol.training_config(unit.dataset, unit.name, settings.protocol).total_epochs
             row.update(epochs_this_call=len(new), epochs_done=epochs if unit.done_before else len(records),
                        epochs=epochs,
                        images_per_second=statistics.median(r["images_per_second"] for r in new) if new else None)
         else:
-            row.update(models_this_call=len(new), models_done=len(reproduce.ROWS) if unit.done_before else len(records),
-                       models=len(reproduce.ROWS))
+            row.update(models_this_call=len(new), models_done=len(reproduction_protocol.ROWS) if unit.done_before else len(records),
+                       models=len(reproduction_protocol.ROWS))
             pgd = [run for m in new for run in m.get("runs", [])
                    if run["attack"] == "pgd" and run["eps"] == m["evaluated_at_eps"] and run.get("image_steps")]
             if unit.name == "table" and pgd:
@@ -480,15 +480,15 @@ def _figures(row: dict) -> str:
 
 
 def settings_from_flags() -> Settings:
-    from polar_tf import reproduce
+    from polar_tf import reproduce, reproduction_protocol
 
     f = flags.FLAGS
     datasets, protocol = reproduce.reproduction_from_flags()
     for name in ("workdir", "results_dir", "pretrained_dir"):
         state_archive.check_folder(getattr(f, name), f"--{name}")
-    unknown = sorted(set(f.evaluations) - set(reproduce.EVALUATIONS))
+    unknown = sorted(set(f.evaluations) - set(reproduction_protocol.EVALUATIONS))
     if unknown or not f.evaluations:
-        raise ValueError(f"--evaluations must name some of {', '.join(reproduce.EVALUATIONS)}. Received: {','.join(f.evaluations)}")
+        raise ValueError(f"--evaluations must name some of {', '.join(reproduction_protocol.EVALUATIONS)}. Received: {','.join(f.evaluations)}")
     return Settings(tuple(datasets), protocol, f.workdir, f.results_dir, f.pretrained_dir, f.data_dir, tuple(f.evaluations))
 
 

@@ -134,3 +134,8 @@ def correct(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 
 def accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> float:
     """Accuracy of the model as evaluated: with the front end's saturation on, always."""
     return float(np.mean(correct(model, x, y, batch_size)))
+
+
+def has_saturation(model: keras.Model) -> bool:
+    """Whether the model saturates anywhere (a front end or a saturation layer)."""
+    return any(isinstance(layer, (PolarizingFrontEnd, Saturation)) for layer in model.layers)

@@ -357,3 +357,21 @@ def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str 
     if model is None:
         model = run_dir.load_model(run_dir.checkpoint_path(workdir, config, stages[-1]))
     return model
+
+
+def default_workdir(config: Config) -> str:
+    """train.py's run folder when none is given: runs/<dataset>_<model>, `_certified` appended for
+    certified training."""
+    return f"runs/{config.dataset}_{config.model}" + ("_certified" if config.certified_training else "")
+
+
+def train(config: Config, workdir: str | None = None, stage: str = "all", data_dir: str | None = None,
+          verbose: int = 0, distribute: str = "none", export_dir: str | None = None) -> keras.Model | None:
+    """train.py: `train_and_evaluate` into `workdir` (default: `default_workdir`), then, if
+    `export_dir` is given, the trained model exported there as a TensorFlow SavedModel."""
+    model = train_and_evaluate(config, workdir or default_workdir(config), stage, data_dir, verbose, distribute)
+    if export_dir:
+        from polar_tf import export  # Here: it needs TensorFlow.
+
+        export.export_saved_model(model, export_dir)
+    return model

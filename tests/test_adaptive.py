@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import small_models
-from polar_tf import adaptive, apgd, attacks, models, run_dir, square
+from polar_tf import adaptive, apgd, attacks, masking_checks, models, results_md, run_dir, square
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.3
@@ -24,27 +24,27 @@ def test_worst_case_is_exact():
     clean = np.array([1, 1, 1, 1, 0], bool)
     under = {"a": np.array([1, 0, 1, 1, 1], bool), "b": np.array([1, 1, 0, 1, 1], bool),
              "c": np.array([1, 1, 1, 1, 1], bool)}
-    np.testing.assert_array_equal(adaptive.worst_case(clean, under), [1, 0, 0, 1, 0])
-    np.testing.assert_array_equal(adaptive.worst_case(clean, {}), clean)
+    np.testing.assert_array_equal(masking_checks.worst_case(clean, under), [1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(masking_checks.worst_case(clean, {}), clean)
 
 def test_check_verdicts_on_hand_built_numbers():
-    assert adaptive.check_eps_to_half({0.3: 0.7, 0.5: 0.0}, 1000)["status"] == "pass"
-    assert adaptive.check_eps_to_half({0.3: 0.7, 0.5: 0.4}, 1000)["status"] == "warn"
-    assert adaptive.check_more_budget(0.5, {"x2": 0.49}, 1000)["status"] == "pass"
-    assert adaptive.check_more_budget(0.5, {"x2": 0.3}, 1000)["status"] == "warn"
+    assert masking_checks.check_eps_to_half({0.3: 0.7, 0.5: 0.0}, 1000)["status"] == "pass"
+    assert masking_checks.check_eps_to_half({0.3: 0.7, 0.5: 0.4}, 1000)["status"] == "warn"
+    assert masking_checks.check_more_budget(0.5, {"x2": 0.49}, 1000)["status"] == "pass"
+    assert masking_checks.check_more_budget(0.5, {"x2": 0.3}, 1000)["status"] == "warn"
     square_correct = np.array([0] * 50 + [1] * 50, bool)
     gradient = {"pgd": np.array([1] * 100, bool)}
-    check = adaptive.check_gradient_free(square_correct, gradient)
+    check = masking_checks.check_gradient_free(square_correct, gradient)
     assert check["status"] == "warn" and check["fooled_only_by_square"] == 50 and "masked" in check["verdict"]
-    assert adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct})["status"] == "pass"
+    assert masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct})["status"] == "pass"
     # Square no stronger overall, but more queries kept fooling more examples: masked all the same.
     rounds = [{"queries": 600, "attacked": 50, "newly_fooled": 3}, {"queries": 1200, "attacked": 47, "newly_fooled": 0}]
-    check = adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds)
+    check = masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds)
     assert check["status"] == "warn" and "3, 0 more examples fooled at 600, 1200 queries" in check["verdict"]
-    assert adaptive.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds[1:])["status"] == "pass"
-    assert adaptive.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
-    assert adaptive.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
-    assert adaptive.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"
+    assert masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds[1:])["status"] == "pass"
+    assert masking_checks.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
+    assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
+    assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"
 
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "square"])
 def test_new_attacks_drive_an_undefended_model_to_near_zero(trained_mlp, mnist_small, name):
@@ -101,7 +101,7 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained_mlp, tmp_pat
     path = str(tmp_path / "mlp.keras")
     run_dir.save_model(trained_mlp, path)
     out = tmp_path / "out"
-    args = [f"--model_path={path}", "--suite=adaptive", "--num_examples=20", "--steps=2", "--restarts=1",
+    args = [f"--model_path={path}", "--suite=adaptive", "--num_examples=20", "--pgd_steps=2", "--pgd_restarts=1",
             "--apgd_iterations=3", "--square_queries=20", "--check_examples=20", f"--transfer_from={path}",
             f"--output_dir={out}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -115,7 +115,7 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained_mlp, tmp_pat
         "eps_to_half", "more_budget", "gradient_free_vs_gradient", "iterative_vs_single_step", "noise_vs_attacks"
     ]
     assert model["attacks"]["square"]["queries_max"] <= 20
-    for flag in ("--suite=adaptive", "--num_examples=20", "--steps=2", "--restarts=1", "--apgd_iterations=3",
+    for flag in ("--suite=adaptive", "--num_examples=20", "--pgd_steps=2", "--pgd_restarts=1", "--apgd_iterations=3",
                  "--square_queries=20", "--check_examples=20", f"--transfer_from={path}", f"--output_dir={out}"):
         assert flag in results["reproduce"]
     assert results["reproduce"] in done.stdout and "| worst case |" in done.stdout
@@ -124,5 +124,5 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained_mlp, tmp_pat
     assert ("**Reduced budgets, not the standard ones** (PGD 2 steps of 100; PGD 1 restarts of 20; APGD 3 iterations "
             "of 100; Square 20 queries of 5000)") in report
     quick = dataclasses.replace(adaptive.AdaptiveConfig(), apgd_target_classes=3)
-    assert adaptive.reduced_budgets(dataclasses.asdict(quick)) == ["APGD-T 3 target classes of 9"]
-    assert adaptive.reduced_budgets(dataclasses.asdict(adaptive.AdaptiveConfig())) == []
+    assert results_md.adaptive_reduced_budgets(dataclasses.asdict(quick)) == ["APGD-T 3 target classes of 9"]
+    assert results_md.adaptive_reduced_budgets(dataclasses.asdict(adaptive.AdaptiveConfig())) == []

@@ -14,7 +14,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from polar_tf import adaptive, attacks, data, evaluation, models, report, run_dir
+from polar_tf import (adaptive, attacks, data, evaluation, evaluation_config, models, report, results_dir, results_md,
+                      run_dir)
 from polar_tf.config import Config
 from polar_tf.frontend import PolarizingFrontEnd
 
@@ -53,13 +54,13 @@ def tiny_model_path(tmp_path_factory):
 
 
 def test_parse_eps_sweep():
-    sweep = evaluation.parse_eps_sweep("0:0.4:0.02")
+    sweep = evaluation_config.parse_eps_sweep("0:0.4:0.02")
     assert len(sweep) == 21 and sweep[0] == 0.0 and sweep[-1] == 0.4 and sweep[15] == 0.3
-    assert evaluation.parse_eps_sweep("0.1:0.1:0.05") == (0.1,)
-    assert evaluation.parse_eps_sweep("0:0.25:0.1") == (0.0, 0.1, 0.2)
+    assert evaluation_config.parse_eps_sweep("0.1:0.1:0.05") == (0.1,)
+    assert evaluation_config.parse_eps_sweep("0:0.25:0.1") == (0.0, 0.1, 0.2)
     for bad in ("0:0.4", "a:b:c", "0.3:0.1:0.1", "0:0.4:0", "0:1.5:0.5", "0:0.4:0.1:1"):
         with pytest.raises(ValueError, match="eps_sweep"):
-            evaluation.parse_eps_sweep(bad)
+            evaluation_config.parse_eps_sweep(bad)
 
 
 def test_eval_config_defaults_and_validation():
@@ -86,7 +87,7 @@ def test_model_paths(workdir):
     assert run_dir.resolve_model_path(workdir) == checkpoint
     assert run_dir.resolve_model_path(checkpoint) == checkpoint
     assert evaluation.model_dataset(checkpoint) == "mnist"
-    assert evaluation.model_label(checkpoint) == "mnist_polarized/stage3"
+    assert report.model_label(checkpoint) == "mnist_polarized/stage3"
     with pytest.raises(run_dir.CheckpointError, match="does not exist"):
         run_dir.resolve_model_path(os.path.join(workdir, "missing.keras"))
 
@@ -149,7 +150,7 @@ def test_results_md_rows_have_as_many_cells_as_their_header_with_certified_and_p
     table = (tmp_path / "results.md").read_text()
     assert "| model | clean | FGSM | BIM | PGD | certified |" in table
     assert "**Reduced budgets, not the paper's protocol** (2 steps of 100; 2 restarts of 20)" in table
-    assert evaluation.reduced_budgets(dataclasses.asdict(evaluation.EvalConfig())) == []
+    assert results_md.reduced_budgets(dataclasses.asdict(evaluation.EvalConfig())) == []
     assert "| paper: polarizing front end | 99.10 | 93.20 | 86.50 | 70.80 | - |" in table
     _check_tables(table)
 
@@ -239,8 +240,8 @@ def test_a_model_knows_its_dataset(workdir, tiny_model_path):
 
 def test_default_output_dir_is_never_a_tracked_folder(workdir):
     shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
-    assert evaluation.default_output_dir(shipped) == os.path.join("runs", "evaluate", "fashion_mnist_polarized")
-    assert evaluation.default_output_dir(workdir) == workdir  # beside the model, in its run folder
+    assert results_dir.default_output_dir(shipped) == os.path.join("runs", "evaluate", "fashion_mnist_polarized")
+    assert results_dir.default_output_dir(workdir) == workdir  # beside the model, in its run folder
 
 
 def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(tmp_path, workdir, tiny_model_path):
@@ -252,19 +253,19 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(tmp_path,
     partial = {**complete, "models": [first], "plots": ["model_adversarial_examples.png"], "total_seconds": 100.0,
                "interrupted": True}
     os.remove(tmp_path / "results.json")
-    run_dir.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
+    run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), partial)
     resumed = evaluation.evaluate(paths, config, str(tmp_path))
     assert resumed["models"][0] == first  # taken over, not evaluated again
     assert resumed["models"][1]["accuracy"] == complete["models"][1]["accuracy"]  # same model, batches and seed
     assert resumed["total_seconds"] > 100.0 and resumed["plots"][:2] == ["accuracy_vs_eps.png", "model_adversarial_examples.png"]
-    assert not (tmp_path / evaluation.PARTIAL_RESULTS).exists()  # superseded by results.json
+    assert not (tmp_path / results_dir.PARTIAL_RESULTS).exists()  # superseded by results.json
     # A partial run of other settings, or of other models, is not taken over.
-    run_dir.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), partial)
-    assert evaluation.finished_results(str(tmp_path), paths, config, partial=True)["models"] == [first]
+    run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), partial)
+    assert results_dir.finished_results(str(tmp_path), paths, config, partial=True)["models"] == [first]
     for other in (dict(partial, config={**partial["config"], "steps": 3}),
                   dict(partial, models=[{**first, "path": os.path.abspath(workdir)}])):
-        run_dir.write_json(str(tmp_path / evaluation.PARTIAL_RESULTS), other)
-        assert evaluation.finished_results(str(tmp_path), paths, config, partial=True) is None
+        run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), other)
+        assert results_dir.finished_results(str(tmp_path), paths, config, partial=True) is None
 
 
 def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
@@ -275,23 +276,23 @@ def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
                "models": [{"path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"}]}
     run_dir.write_json(os.path.join(output_dir, "results.json"), written)
     here = str(tmp_path / "pretrained" / "full_protocol" / "mnist_baseline.keras")
-    assert evaluation.finished_results(output_dir, [here], config)["models"] == written["models"]
-    assert evaluation.finished_results(output_dir, [str(tmp_path / "pretrained" / "mnist_baseline.keras")], config) is None
-    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(config, num_examples=10)) is None
-    assert evaluation.finished_results(output_dir, [here], config, partial=True) is None  # no partial results there
+    assert results_dir.finished_results(output_dir, [here], config)["models"] == written["models"]
+    assert results_dir.finished_results(output_dir, [str(tmp_path / "pretrained" / "mnist_baseline.keras")], config) is None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(config, num_examples=10)) is None
+    assert results_dir.finished_results(output_dir, [here], config, partial=True) is None  # no partial results there
     # Written before pgd_examples existed: PGD ran on every image, which is what None asks for.
     del written["config"]["pgd_examples"]
     run_dir.write_json(os.path.join(output_dir, "results.json"), written)
-    assert evaluation.finished_results(output_dir, [here], config) is not None
-    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(config, pgd_examples=10)) is None
+    assert results_dir.finished_results(output_dir, [here], config) is not None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(config, pgd_examples=10)) is None
     # The adaptive suite's transfer source likewise, though its config holds it as given (here: relative).
     suite = adaptive.AdaptiveConfig(dataset="mnist", transfer_from="pretrained/full_protocol/mnist_baseline.keras")
     run_dir.write_json(os.path.join(output_dir, "results.json"), {
         **written, "config": dataclasses.asdict(suite),
         "transfer_from_path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"})
-    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
     other = str(tmp_path / "pretrained" / "full_protocol" / "mnist_adversarial.keras")
-    assert evaluation.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=other)) is None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=other)) is None
 
 
 def test_a_model_replaced_at_the_same_path_is_evaluated_again(tmp_path, tiny_model_path):
@@ -300,11 +301,11 @@ def test_a_model_replaced_at_the_same_path_is_evaluated_again(tmp_path, tiny_mod
     config = evaluation.EvalConfig(attacks=("fgsm",), **SMALL)
     results = evaluation.evaluate([path], config, output_dir=str(tmp_path / "out"))
     assert results["models"][0]["sha256"] == report.fingerprint(path)
-    assert evaluation.finished_results(str(tmp_path / "out"), [path], config) is not None
+    assert results_dir.finished_results(str(tmp_path / "out"), [path], config) is not None
     other = run_dir.load_model(path)
     other.set_weights([w + 1.0 for w in other.get_weights()])
     run_dir.save_model(other, path)
-    assert evaluation.finished_results(str(tmp_path / "out"), [path], config) is None
+    assert results_dir.finished_results(str(tmp_path / "out"), [path], config) is None
 
 
 def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):
@@ -312,9 +313,9 @@ def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):
     results = {"models": [{"label": "a", "accuracy": {"fgsm": 0.5}}]}
     runs = [{"attack": "fgsm", "eps": 0.3, "accuracy": 0.25}]
     with pytest.raises(KeyboardInterrupt, match="results.partial.json"):
-        with evaluation.keep_on_interrupt(str(tmp_path), results, {"label": "b", "runs": runs}):
+        with results_dir.keep_on_interrupt(str(tmp_path), results, {"label": "b", "runs": runs}):
             raise KeyboardInterrupt
-    partial = json.loads((tmp_path / evaluation.PARTIAL_RESULTS).read_text())
+    partial = json.loads((tmp_path / results_dir.PARTIAL_RESULTS).read_text())
     assert partial["interrupted"] and partial["models"] == results["models"]
     assert partial["unfinished_model"] == {"label": "b", "runs": runs}
     assert json.loads((tmp_path / "results.json").read_text()) == {"complete": True}
@@ -356,7 +357,7 @@ def test_ctrl_c_stops_an_evaluation_within_seconds_keeping_the_finished_attacks(
     # PGD runs in compiled calls of a few seconds on the CPU; generous for a loaded machine.
     assert time.monotonic() - sent < 60
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
-    partial_path = tmp_path / evaluation.PARTIAL_RESULTS
+    partial_path = tmp_path / results_dir.PARTIAL_RESULTS
     assert stderr.splitlines()[-1] == f"evaluate.py: interrupted; finished attacks kept in {partial_path}"
     partial = json.loads(partial_path.read_text())
     assert [run["attack"] for run in partial["unfinished_model"]["runs"]] == ["fgsm"]

@@ -20,7 +20,7 @@ import time
 import keras
 import pytest
 
-from polar_tf import gpu_reproduce, reproduce, run_dir, state_archive
+from polar_tf import gpu_reproduce, reproduce, reproduction_protocol, reproduction_results, run_dir, state_archive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = [sys.executable, "-m", "polar_tf.gpu_reproduce"]
@@ -29,10 +29,10 @@ TINY = ["--dataset=mnist", "--epochs_per_stage=1", "--train_examples=64", "--adv
         "--num_examples=20", "--steps=2", "--restarts=1", "--sweep_examples=20", "--adaptive_examples=20",
         "--apgd_iterations=2", "--square_queries=4", "--steps_per_execution=1", "--evaluations=table", "--workers=2",
         "--stop_grace_s=10", "--min_start_s=0"]
-TINY_PROTOCOL = reproduce.Protocol(epochs_per_stage=1, train_examples=64, adv_epochs_per_stage=1, adv_steps=1,
+TINY_PROTOCOL = reproduction_protocol.Protocol(epochs_per_stage=1, train_examples=64, adv_epochs_per_stage=1, adv_steps=1,
                                    num_examples=20, steps=2, restarts=1, sweep_examples=20, adaptive_examples=20,
                                    apgd_iterations=2, square_queries=4, steps_per_execution=1)
-MODELS = [model for model, _ in reproduce.ROWS]
+MODELS = [model for model, _ in reproduction_protocol.ROWS]
 
 
 def _env(data_dir, **more):
@@ -138,8 +138,8 @@ def test_a_call_stopped_by_its_budget_is_continued_by_the_next_without_redoing_w
         paths = [reproduce.trained_model("mnist", m, TINY_PROTOCOL, "runs/full_protocol", "pretrained/full_protocol")
                  for m in MODELS]
         assert paths == [f"pretrained/full_protocol/mnist_{m}.keras" for m in MODELS]
-        config = reproduce.evaluation_configs("mnist", TINY_PROTOCOL, paths)["table"]
-        results = reproduce.finished_evaluation("results/full_protocol/mnist_table", paths, config)
+        config = reproduction_protocol.evaluation_configs("mnist", TINY_PROTOCOL, paths)["table"]
+        results = reproduction_results.finished_evaluation("results/full_protocol/mnist_table", paths, config)
         assert results is not None and len(results["models"]) == 3
         assert reproduce.read_protocol_record("results/full_protocol")[0] == TINY_PROTOCOL
         settings = gpu_reproduce.Settings(("mnist",), TINY_PROTOCOL, "runs/full_protocol", "results/full_protocol",

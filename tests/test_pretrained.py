@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import float_paths
-from polar_tf import data, models, reproduce, run_dir
+from polar_tf import data, models, reproduce, reproduction_protocol, run_dir
 from polar_tf.config import DATASETS, Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each shipped model, pretrained/<dataset>_<model>.keras, is a row of REPRODUCTION.md, whose table
 # (results/reproduction/<dataset>_table/results.json) recorded its accuracy on the first N test images.
-SHIPPED = [(dataset, model) for dataset in DATASETS for model, _ in reproduce.ROWS]
+SHIPPED = [(dataset, model) for dataset in DATASETS for model, _ in reproduction_protocol.ROWS]
 
 
 @pytest.mark.parametrize("dataset,model_name", SHIPPED)
@@ -25,7 +25,7 @@ def test_pretrained_model_reaches_recorded_clean_accuracy(dataset, model_name):
     with open(os.path.join(ROOT, "results", "reproduction", f"{dataset}_table", "results.json")) as f:
         table = json.load(f)
     # The table evaluated the models in ROWS order (trained runs or, on a fresh checkout, these files).
-    record = table["models"][[row for row, _ in reproduce.ROWS].index(model_name)]
+    record = table["models"][[row for row, _ in reproduction_protocol.ROWS].index(model_name)]
     assert table["dataset"] == dataset
     assert (config.dataset, config.model) == (dataset, model_name)
     frontend = models.get_frontend(model)

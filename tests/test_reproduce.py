@@ -7,20 +7,22 @@ import os
 import keras
 import pytest
 
-from polar_tf import reproduce, run_dir
+from polar_tf import (adaptive, evaluation, report, reproduce, reproduction_protocol, reproduction_report,
+                      reproduction_results, run_dir)
+from polar_tf.config import Config
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="one backend suffices for the pipeline")
 def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_path, mnist_subset_dir):
-    protocol = reproduce.Protocol(epochs_per_stage=1, train_examples=128, adv_epochs_per_stage=2, adv_steps=2,
+    protocol = reproduction_protocol.Protocol(epochs_per_stage=1, train_examples=128, adv_epochs_per_stage=2, adv_steps=2,
                                   num_examples=40, pgd_examples=30, steps=2, restarts=1, sweep_examples=20,
                                   adaptive_examples=20, apgd_iterations=2, square_queries=4)
-    assert not protocol.is_paper and reproduce.Protocol().is_paper
+    assert not protocol.is_paper and reproduction_protocol.Protocol().is_paper
     root, results = str(tmp_path / "runs"), str(tmp_path / "results")
     report, pretrained = str(tmp_path / "REPRODUCTION.md"), str(tmp_path / "pretrained")
     readme = tmp_path / "README.md"
-    start, end = reproduce.README_MARKERS
+    start, end = reproduction_report.README_MARKERS
     readme.write_text(f"intro\n{start}\nold table\n{end}\nafter\n")
     reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results, str(readme))
     with open(report) as f:
@@ -31,7 +33,7 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     assert "/ 99.40 (" in text and "accuracy_vs_eps.png" in text
     assert "| model | clean | FGSM | BIM | PGD | adaptive | certified |" in text
     assert "## mnist, eps = 0.3, 40 test images (PGD: the first 30; adaptive: the first 20)" in text
-    assert "--num_examples=40 --pgd_examples=30 --steps=2" in text
+    assert "--steps=2 --restarts=1 --num_examples=40 --pgd_examples=30 --certify" in text
     for model in ("baseline", "adversarial", "polarized"):
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.keras"))
         assert os.path.isfile(os.path.join(pretrained, f"mnist_{model}.metrics.jsonl"))
@@ -71,26 +73,26 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
         assert json.load(f)["num_examples"] == 30
     assert os.path.isfile(os.path.join(results, "mnist_bim_margin", "results.json"))
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
-    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in reproduce.EVALUATIONS]
+    outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in reproduction_protocol.EVALUATIONS]
     before = [os.path.getmtime(p) for p in outputs]
     reproduce.reproduce(["mnist"], protocol, root, mnist_subset_dir, report, pretrained, results)  # nothing to redo
     assert [os.path.getmtime(p) for p in outputs] == before
 
     # Read back from the files only (as another report reads an imported reproduction, by its protocol.json),
     # these results become sections of their own beside another run's.
-    full = reproduce._full_protocol_sections(results, str(tmp_path / "another_run"), ["mnist", "fashion_mnist"])
+    full = reproduction_results.full_protocol_sections(results, str(tmp_path / "another_run"), ["mnist", "fashion_mnist"])
     assert full["protocol"] == protocol and full["remaining"] == ["fashion_mnist"] and list(full["results"]) == ["mnist"]
     collected = full["results"]["mnist"]
-    assert [collected[k]["models"] for k in reproduce.EVALUATIONS] == [json.load(open(p))["models"] for p in outputs]
+    assert [collected[k]["models"] for k in reproduction_protocol.EVALUATIONS] == [json.load(open(p))["models"] for p in outputs]
     assert full["title"] == f" ({results})"  # not the paper's protocol: not titled as such
-    text = reproduce.reproduction_markdown({"mnist": collected}, protocol, str(tmp_path), full)
+    text = reproduction_report.reproduction_markdown({"mnist": collected}, protocol, str(tmp_path), full)
     assert f"## mnist ({results}), eps = 0.3" in text and "## mnist at a reduced protocol, eps = 0.3" in text
     assert f"Sections titled '({results})' come from the reproduction in `{results}` (a REDUCED protocol" in text
     assert "not yet: fashion_mnist, see BUILD.md" in text
-    assert reproduce.update_readme(str(readme), {"mnist": collected}, protocol, full)
+    assert reproduction_report.update_readme(str(readme), {"mnist": collected}, protocol, full)
     assert f"#### mnist ({results}), eps = 0.3" in readme.read_text()
-    paper = dict(full, protocol=reproduce.Protocol(steps_per_execution=32), title=" at the paper's full protocol")
-    assert "Sections titled 'at the paper's full protocol' come from" in reproduce.reproduction_markdown(
+    paper = dict(full, protocol=reproduction_protocol.Protocol(steps_per_execution=32), title=" at the paper's full protocol")
+    assert "Sections titled 'at the paper's full protocol' come from" in reproduction_report.reproduction_markdown(
         {"mnist": collected}, protocol, str(tmp_path), paper)
 
 
@@ -98,22 +100,22 @@ def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage
     records = [{"stage": 1, "frac_within_eps_of_jump": 0.5}]
     records += [{"stage": 2, "frac_within_eps_of_jump": f} for f in (0.30, 0.20, 0.16, 0.12, 0.10, 0.08)]
     records += [{"stage": 3, "frac_within_eps_of_jump": 0.08}]
-    assert reproduce._stage2_trend(records) == pytest.approx((0.08 - 0.20) / 4)
-    assert reproduce._stage2_trend([{"stage": 1, "loss": 0.1}]) is None  # a model without a front end
+    assert reproduction_results.stage2_trend(records) == pytest.approx((0.08 - 0.20) / 4)
+    assert reproduction_results.stage2_trend([{"stage": 1, "loss": 0.1}]) is None  # a model without a front end
 
 
 def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_differences(tmp_path):
     workdir = tmp_path / "runs" / "fashion_seed1"
     run_dir.write_json(str(workdir / "config.json"),
-                        reproduce.Config(dataset="fashion_mnist", model="polarized", seed=1, epochs_per_stage=1, jump=0.2).to_dict())
+                        Config(dataset="fashion_mnist", model="polarized", seed=1, epochs_per_stage=1, jump=0.2).to_dict())
     log = run_dir.MetricsLog(str(workdir / "metrics.jsonl"))
     for epoch, frac in enumerate((0.2, 0.1, 0.05)):
         log.append({"epoch": epoch, "stage": epoch + 1, "frac_within_eps_of_jump": frac})
     model = str(workdir / "stage3.keras")
     common = {"dataset": "fashion_mnist", "num_examples": 1000, "total_seconds": 12.0, "backend": "tensorflow", "device": "CPU"}
-    table_config = dataclasses.asdict(reproduce.evaluation.EvalConfig(dataset="fashion_mnist", restarts=2))
+    table_config = dataclasses.asdict(evaluation.EvalConfig(dataset="fashion_mnist", restarts=2))
     # A suite run before APGD-T: its config has no apgd_target_classes.
-    suite_config = {k: v for k, v in dataclasses.asdict(reproduce.adaptive.AdaptiveConfig(dataset="fashion_mnist",
+    suite_config = {k: v for k, v in dataclasses.asdict(adaptive.AdaptiveConfig(dataset="fashion_mnist",
                     square_queries=1000)).items() if k != "apgd_target_classes"}
     table = {**common, "command": "python evaluate.py --x", "output_dir": str(tmp_path / "table"), "config": table_config,
              "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.873,
@@ -123,9 +125,9 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
              "models": [{"path": model, "label": "fashion_seed1/stage3", "clean_accuracy": 0.9, "worst_case_accuracy": 0.125}]}
     for name, results in (("table", table), ("adaptive", suite)):
         run_dir.write_json(str(tmp_path / name / "results.json"), results)
-    further = reproduce.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive")))
+    further = reproduction_results.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive")))
     assert len(further["models"]) == 1
-    text = reproduce.further_markdown(further, str(tmp_path))
+    text = reproduction_report.further_markdown(further, str(tmp_path))
     # The paper's polarized Fashion-MNIST row is 87.3 / 69.4 / 54.9 / 44.5; clean comes from the table, not the suite.
     row = ("| fashion_mnist | fashion_seed1/stage3 | 1 | 0.2 | 3 | 5.0% | 87.30 (+0.0) | 50.00 (-19.4) | 25.00 (-29.9) "
            "| 20.00 (-24.5) | 12.50 (reduced budgets) |")
@@ -134,13 +136,13 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
             "earlier suite: no APGD-T, Square with p_init 0.05 on a rescaled schedule), 12 s; backend tensorflow, "
             "device CPU; adaptive/results.md)") in text
     assert "- `python evaluate.py --x` (1000 test images, budgets REDUCED (2 restarts of 20), 12 s;" in text
-    assert reproduce.further_markdown(reproduce.further_runs(()), str(tmp_path)) == ""
+    assert reproduction_report.further_markdown(reproduction_results.further_runs(()), str(tmp_path)) == ""
     with pytest.raises(ValueError, match="results folders of evaluate.py"):
-        reproduce.further_runs((str(tmp_path / "runs"),))
+        reproduction_results.further_runs((str(tmp_path / "runs"),))
 
 
 def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_the_protocols(tmp_path):
-    config = reproduce.Config(dataset="mnist", model="polarized", epochs_per_stage=1, train_examples=128)
+    config = Config(dataset="mnist", model="polarized", epochs_per_stage=1, train_examples=128)
     pretrained, root = tmp_path / "pretrained", tmp_path / "runs"
     stem = str(pretrained / "mnist_polarized")
     run_dir.write_json(stem + ".config.json", config.to_dict())
@@ -152,18 +154,19 @@ def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_t
     assert run_dir.shipped_model(None, config, workdir) is None
     assert run_dir.shipped_model(str(pretrained), config.replace(model="baseline"), str(root / "mnist_baseline")) is None
     # How the shipped model was trained is read from the files beside it, for the report.
-    summary = reproduce._training_summary(stem + ".keras", workdir, str(tmp_path / "results"))
+    summary = reproduction_results.training_summary(stem + ".keras", workdir, str(tmp_path / "results"))
     assert (summary["seed"], summary["epochs"], summary["train_seconds"], summary["figures"]) == (0, 1, 2.5, [])
-    assert f"--workdir={workdir} --epochs_per_stage=1 --train_examples=128" in summary["command"]
+    assert summary["command"] == ("python train.py --dataset=mnist --model=polarized --epochs_per_stage=1 "
+                                  f"--train_examples=128 --workdir={workdir}")
     run_dir.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
     assert run_dir.shipped_model(str(pretrained), config, workdir) is None
 
 
 def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_readme_block(tmp_path):
     runs = {}
-    for name, config in (("ibp", reproduce.Config(dataset="mnist", model="polarized", certified_training=True,
+    for name, config in (("ibp", Config(dataset="mnist", model="polarized", certified_training=True,
                                                   ibp_ramp_epochs=5)),
-                         ("plain", reproduce.Config(dataset="mnist", model="polarized"))):
+                         ("plain", Config(dataset="mnist", model="polarized"))):
         workdir = tmp_path / "runs" / name
         run_dir.write_json(str(workdir / "config.json"), config.to_dict())
         log = run_dir.MetricsLog(str(workdir / "metrics.jsonl"))
@@ -174,27 +177,27 @@ def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_re
               "device": "CPU"}
     certified = [{"eps": 0.3, "certified_accuracy": {"frontend": 0.2, "interval_from_frontend": 0.875}}]
     table = {**common, "command": "python evaluate.py --certify", "output_dir": str(tmp_path / "table"),
-             "config": dataclasses.asdict(reproduce.evaluation.EvalConfig(certify=True)),
+             "config": dataclasses.asdict(evaluation.EvalConfig(certify=True)),
              "models": [{"path": runs["ibp"], "label": "ibp/stage3", "clean_accuracy": 0.98,
                          "accuracy": {"fgsm": 0.95, "bim": 0.93, "pgd": 0.92}, "certified": certified},
                         {"path": runs["plain"], "label": "plain/stage3", "clean_accuracy": 0.99,
                          "accuracy": {"fgsm": 0.9, "bim": 0.8, "pgd": 0.75},
                          "certified": [{"eps": 0.3, "certified_accuracy": {"interval_from_frontend": 0.0}}]}]}
     suite = {**common, "command": "python evaluate.py --suite=adaptive", "output_dir": str(tmp_path / "adaptive"),
-             "suite": "adaptive", "config": dataclasses.asdict(reproduce.adaptive.AdaptiveConfig()),
+             "suite": "adaptive", "config": dataclasses.asdict(adaptive.AdaptiveConfig()),
              "models": [{"path": runs["ibp"], "label": "ibp/stage3", "clean_accuracy": 0.98, "worst_case_accuracy": 0.9}]}
     for name, results in (("table", table), ("adaptive", suite)):
         run_dir.write_json(str(tmp_path / name / "results.json"), results)
-    text = reproduce.certified_markdown(reproduce.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive"))),
+    text = reproduction_report.certified_markdown(reproduction_results.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive"))),
                                         str(tmp_path))
     rows = text.splitlines()
     assert ("| mnist | 0.3 | ibp/stage3 | IBP, stage 3: eps 0 to 0.3 and kappa 1 to 0.5 over 5 epochs | 60 | 98.00 | 92.00 "
             "| 90.00 | 87.50 |") in rows
     assert "| mnist | 0.3 | plain/stage3 | the paper's schedule | 60 | 99.00 | 75.00 | - | 0.00 |" in rows
     assert "- `python evaluate.py --certify` (1000 test images, budgets the paper's, 60 s;" in text
-    assert reproduce.certified_markdown(reproduce.further_runs(()), str(tmp_path)) == ""
+    assert reproduction_report.certified_markdown(reproduction_results.further_runs(()), str(tmp_path)) == ""
     readme = tmp_path / "README.md"
-    start, end = reproduce.CERTIFIED_README_MARKERS
+    start, end = reproduction_report.CERTIFIED_README_MARKERS
     readme.write_text(f"# Certified training\n{start}\nold\n{end}\nafter\n")
-    assert reproduce._replace_block(str(readme), reproduce.CERTIFIED_README_MARKERS, ["new", ""])
+    assert report.replace_block(str(readme), reproduction_report.CERTIFIED_README_MARKERS, ["new", ""])
     assert readme.read_text() == f"# Certified training\n{start}\nnew\n{end}\nafter\n"
