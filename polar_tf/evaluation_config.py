@@ -91,7 +91,8 @@ class EvalConfig:
     num_examples: int = 10000
     pgd_examples: int | None = None
     batch_size: int | None = None
-    eps_sweep: tuple[float, ...] = dataclasses.field(default=(), metadata={"parse": parse_eps_sweep, "format": format_eps_sweep})
+    eps_sweep: tuple[float, ...] = dataclasses.field(
+        default=(), metadata={"parse": parse_eps_sweep, "format": format_eps_sweep})
     loss: str = choice("ce", LOSSES)
     backward: str = choice("identity", BACKWARDS)
     steepness: float | None = None

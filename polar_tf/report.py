@@ -119,12 +119,14 @@ def evaluate_command(paths: Sequence[str], config: Any, output_dir: str, data_di
     adaptive = isinstance(config, AdaptiveConfig)
     program = [f"KERAS_BACKEND={backend.name()}"] * adaptive + ["python", "evaluate.py"]
     leading = {"suite": "adaptive" if adaptive else None, "model_path": ",".join(paths)}
-    return cli.command_line(program, [config], leading, {"data_dir": data_dir, "output_dir": output_dir}, always=("dataset",))
+    trailing = {"data_dir": data_dir, "output_dir": output_dir}
+    return cli.command_line(program, [config], leading, trailing, always=("dataset",))
 
 
 def train_command(config: Config, workdir: str) -> str:
     """The train.py command that trains `config` into `workdir` (it parses back to `config`)."""
-    return cli.command_line(["python", "train.py"], [config], trailing={"workdir": workdir}, always=("dataset", "model"))
+    return cli.command_line(["python", "train.py"], [config], trailing={"workdir": workdir},
+                            always=("dataset", "model"))
 
 
 def replace_block(path: str, markers: tuple[str, str], block: list[str]) -> bool:

@@ -13,15 +13,16 @@ import shutil
 
 from absl import logging
 
-from polar_tf import report, results_dir, results_md, run_dir
+from polar_tf import report, results_md, run_dir
 from polar_tf.config import Config
+from polar_tf.results_dir import finished_results  # (`results_dir` names a folder here)
 from polar_tf.reproduction_protocol import (EVALUATIONS, ROWS, Protocol, evaluation_configs, evaluation_dir,
                                             read_protocol_record, run_folder)
 
 def finished_evaluation(output_dir: str, paths: list[str], config) -> dict | None:
     """The results.json in output_dir if it holds these models under these settings, else None.
     Its output_dir is the folder it was read from (it may have been written on another machine)."""
-    results = results_dir.finished_results(output_dir, paths, config)
+    results = finished_results(output_dir, paths, config)
     if results is not None:
         logging.info("%s is up to date; not evaluating again", os.path.join(output_dir, "results.json"))
         results["output_dir"] = os.path.abspath(output_dir)

@@ -14,9 +14,9 @@ from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS
 from polar_tf.config import DEFAULT_EPS
 from polar_tf.evaluation_config import AdaptiveConfig
 
-ATTACK_NAMES = {"fgsm": "FGSM", "bim": "BIM", "pgd": "PGD"}
-NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "square": "Square",
-         "transfer": "transfer", "noise": "noise"}
+ATTACK_NAMES = {"fgsm": "FGSM", "bim": "BIM", "pgd": "PGD"}  # the paper's attacks
+ADAPTIVE_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T",
+                  "square": "Square", "transfer": "transfer", "noise": "noise"}  # the adaptive suite's
 
 
 def certified_at(model_record: dict[str, Any], eps: float) -> tuple[str, float] | None:
@@ -193,7 +193,7 @@ def attack_title(key: str) -> str:
     name, _, backward = key.partition("/")
     if name.startswith("square-x"):
         return f"Square ({name[len('square-'):]} queries)"
-    return NAMES[name] + (f" ({backward})" if backward else "")
+    return ADAPTIVE_NAMES[name] + (f" ({backward})" if backward else "")
 
 
 def check_numbers(check: dict[str, Any]) -> str:

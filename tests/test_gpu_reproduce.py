@@ -141,7 +141,7 @@ def test_a_call_stopped_by_its_budget_is_continued_by_the_next_without_redoing_w
         config = reproduction_protocol.evaluation_configs("mnist", TINY_PROTOCOL, paths)["table"]
         results = reproduction_results.finished_evaluation("results/full_protocol/mnist_table", paths, config)
         assert results is not None and len(results["models"]) == 3
-        assert reproduce.read_protocol_record("results/full_protocol")[0] == TINY_PROTOCOL
+        assert reproduction_protocol.read_protocol_record("results/full_protocol")[0] == TINY_PROTOCOL
         settings = gpu_reproduce.Settings(("mnist",), TINY_PROTOCOL, "runs/full_protocol", "results/full_protocol",
                                           "pretrained/full_protocol", mnist_subset_dir, ("table",))
         assert [u.status for u in gpu_reproduce.plan(settings)] == ["done"] * 4  # a third call would find nothing to do
@@ -171,7 +171,7 @@ def test_on_jax_without_tensorflow_a_budget_too_short_for_any_unit_still_packs_a
                                             "evaluate mnist table (0 of 3 models)")
     manifest = state_archive.import_archive(str(out), str(tmp_path))
     assert manifest["backend"] == "jax" and manifest["protocol"] == dataclasses.asdict(TINY_PROTOCOL)
-    assert reproduce.read_protocol_record(str(tmp_path / "results" / "full_protocol"))[0] == TINY_PROTOCOL
+    assert reproduction_protocol.read_protocol_record(str(tmp_path / "results" / "full_protocol"))[0] == TINY_PROTOCOL
     # Only folders an archive may unpack into (tests/test_state_archive.py has the other cases).
     bad = call("--device_budget=10", "--workdir=/tmp/x")
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
