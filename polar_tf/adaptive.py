@@ -63,7 +63,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, data, evaluation, models, report, runfiles
+from polar_tf import attacks, backend, data, driver, evaluation, models, report, runfiles
 from polar_tf.apgd import apgd
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
@@ -152,8 +152,9 @@ class AdaptiveConfig:
 
 
 def random_noise(x: np.ndarray, eps: float, seed: int = 0, clip_min: float = 0.0, clip_max: float = 1.0) -> np.ndarray:
-    """x moved by +eps or -eps in every pixel (uniformly at random; row i from (seed, i)), clipped."""
-    signs = np.random.default_rng([seed, 2**31]).choice(np.float32([-1.0, 1.0]), size=x.shape)
+    """x moved by +eps or -eps in every pixel (uniformly at random; row i from (seed, i), as every
+    attack's draws: `driver.signs`), clipped."""
+    signs = driver.signs((seed, 2**31), np.arange(len(x)), x.shape[1:])
     return np.clip(x + np.float32(eps) * signs, clip_min, clip_max).astype(np.float32)
 
 

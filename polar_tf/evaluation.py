@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, certify, data, models, plots, report, runfiles
+from polar_tf import attacks, backend, certify, data, losses, models, plots, report, runfiles
 from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS, check_choice
 from polar_tf.frontend import saturate
@@ -390,7 +390,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
     clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
     with models.as_evaluated(model):
-        fallback = float(np.mean(attacks.ce_falls_back(models.predict_logits(model, x, 1000), y)))
+        fallback = float(np.mean(losses.ce_falls_back(models.predict_logits(model, x, 1000), y)))
     adversarial = None
     survives = {}  # eps -> per example, correct under every attack run at that eps
     for eps in config.eps_values:
