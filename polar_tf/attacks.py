@@ -89,7 +89,7 @@ class CompiledAttack:
 
     Attributes:
       traces: how many times its compiled functions were traced (two per batch shape: the steps,
-        and the loss and logits at their end).
+        or the single step where a call takes one, and the loss and logits at their end).
       image_steps: gradient steps taken so far, summed over the (unpadded) images attacked.
     """
 
@@ -103,17 +103,23 @@ class CompiledAttack:
         def objective(logits, y):
             return per_example_loss(logits, y, loss)
 
-        def take_steps(forward, value_and_grad, x, y, x_adv, eps, step_size, steps):
-            def step(_, x_t):
-                _, _, gradient = value_and_grad(objective, x_t, y)
-                return project(x_t + step_size * ops.sign(gradient), x, eps, self.clip_min, self.clip_max)
+        def step(value_and_grad, x, y, x_t, eps, step_size):
+            _, _, gradient = value_and_grad(objective, x_t, y)
+            return project(x_t + step_size * ops.sign(gradient), x, eps, self.clip_min, self.clip_max)
 
-            return ops.fori_loop(0, steps, step, x_adv)
+        def take_step(forward, value_and_grad, x, y, x_adv, eps, step_size):
+            return step(value_and_grad, x, y, x_adv, eps, step_size)
+
+        def take_steps(forward, value_and_grad, x, y, x_adv, eps, step_size, steps):
+            return ops.fori_loop(0, steps, lambda _, x_t: step(value_and_grad, x, y, x_t, eps, step_size), x_adv)
 
         def evaluate(forward, value_and_grad, x_adv, y):
             logits = forward(x_adv)
             return objective(logits, y), logits
 
+        # One step per call (JAX on the CPU) is a function of its own: XLA on the CPU runs a
+        # gradient step inside a loop, even of one iteration, several times slower.
+        self._step = backend.compile_model_function(model, take_step, self._count_trace)
         self._steps = backend.compile_model_function(model, take_steps, self._count_trace)
         self._evaluate = backend.compile_model_function(model, evaluate, self._count_trace)
 
@@ -142,7 +148,10 @@ class CompiledAttack:
         done = 0
         while done < steps:
             count = min(per_call, steps - done)
-            x_adv = self._steps(x, y, x_adv, f32(eps), f32(step_size), np.int32(count))
+            if per_call == 1:
+                x_adv = self._step(x, y, x_adv, f32(eps), f32(step_size))
+            else:
+                x_adv = self._steps(x, y, x_adv, f32(eps), f32(step_size), np.int32(count))
             done += count
             if on_steps is not None:
                 on_steps(done)
