@@ -9,6 +9,7 @@ JAX are imported lazily, so the package imports on machines that have only one o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import weakref
@@ -199,7 +200,9 @@ def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[
     if backend == "tensorflow":
         import tensorflow as tf
 
-        tf_compiled = tf.function(traced, jit_compile=on_accelerator())
+        # A partial: TensorFlow counts the traces of every tf.function of one code object together
+        # and warns of retracing past 5; each compiled function is traced for its own shapes.
+        tf_compiled = tf.function(functools.partial(traced), jit_compile=on_accelerator())
 
         def tf_run(*args):
             trainable, non_trainable = _variable_values(model_ref)
