@@ -35,7 +35,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, data, models, report, results_dir, run_dir
+from polar_tf import attacks, data, driver, models, report, results_dir, run_dir
 from polar_tf.apgd import apgd
 from polar_tf.evaluation_config import HALF, AdaptiveConfig
 from polar_tf.masking_checks import (check_eps_to_half, check_gradient_free, check_iterative, check_more_budget,
@@ -50,8 +50,9 @@ MAX_SQUARE_DOUBLINGS = 3
 
 
 def random_noise(x: np.ndarray, eps: float, seed: int = 0, clip_min: float = 0.0, clip_max: float = 1.0) -> np.ndarray:
-    """x moved by +eps or -eps in every pixel (uniformly at random; row i from (seed, i)), clipped."""
-    signs = np.random.default_rng([seed, 2**31]).choice(np.float32([-1.0, 1.0]), size=x.shape)
+    """x moved by +eps or -eps in every pixel (uniformly at random; row i from (seed, i), as every
+    attack's draws: `driver.signs`), clipped."""
+    signs = driver.signs((seed, 2**31), np.arange(len(x)), x.shape[1:])
     return np.clip(x + np.float32(eps) * signs, clip_min, clip_max).astype(np.float32)
 
 

@@ -16,16 +16,17 @@ Algorithm 1 of the paper, as their reference implementation runs it:
     halved, and it restarts from its best point (with the gradient there), if (a) its loss
     increased in at most rho = 0.75 of the iterations since the last checkpoint, or (b) its step
     size was not halved at the last checkpoint and its best loss has not improved since.
-All of this state (step size, counters, best points) is per example. One iteration is one
-compiled function (`backend.compile_model_function`), traced once per batch shape, called in a
-Python loop; the state stays on the device between calls.
+All of this state (`State`: step size, counters, best points) is per example. One iteration is
+one compiled function (`backend.compile_model_function`), traced once per batch shape, called in a
+Python loop; the state stays on the device between calls. The attack of one batch is the kernel
+`CompiledAPGD`; batching, restarts and target classes, the saturation switch, checks and progress
+are the driver's (`polar_tf.driver.run`).
 
-Losses (maximized): "ce" is the cross-entropy (`attacks.cross_entropy`), as in Croce & Hein:
-without the MSE fallback of the paper's attacks, whose maximization can raise the true logit of a
-confident example. "dlr" is the difference of logits ratio
--(z_y - max_{i != y} z_i) / max(z_pi1 - z_pi3, 1e-12), z_pi1 >= z_pi2 >= z_pi3 the three largest
-logits: invariant to shifting and scaling the logits. "dlr-t" is AutoAttack's targeted DLR,
--(z_y - z_t) / max(z_pi1 - (z_pi3 + z_pi4) / 2, 1e-12), run once per target class t: the classes
+Losses (maximized; `polar_tf.losses`): "ce" is the cross-entropy (`losses.cross_entropy`), as in
+Croce & Hein: without the MSE fallback of the paper's attacks, whose maximization can raise the
+true logit of a confident example. "dlr" is the difference of logits ratio (`losses.dlr`),
+invariant to shifting and scaling the logits. "dlr-t" is AutoAttack's targeted DLR
+(`losses.dlr_targeted`), run once per target class t: the classes
 ranked 2nd, 3rd, ... (`target_classes` of them, 9 in AutoAttack's standard version) by the clean
 logits, each run attacking the examples no earlier one fooled, from the same random start (as
 the reference, which reseeds for every target).
@@ -34,61 +35,68 @@ Result per example: the last point that fooled the model if any did, else the po
 loss. As in the reference, examples the model already misclassifies are returned unchanged (x
 itself is adversarial); restarts after the first attack only the examples not yet fooled, from a
 new random start, and keep per example the restart that fooled it or else the one of highest loss;
-the start of example i in restart r depends only on (seed, r, i).
+the start of example i in restart r depends only on (seed, r, i) (`driver.uniform_noise`).
 """
 
 from __future__ import annotations
 
-import time
+from typing import NamedTuple
 
 import keras
 import numpy as np
-from absl import logging
 from keras import ops
 
-from polar_tf import attacks, backend, models, progress
+from polar_tf import attacks, backend, driver, losses, models
 
 LOSSES = ("ce", "dlr", "dlr-t")
 DEFAULT_ITERATIONS = 100
 DEFAULT_TARGET_CLASSES = 9
 MOMENTUM = 0.75
 RHO = 0.75
-_DLR_EPSILON = 1e-12
-
-
-def dlr_loss(logits, y):
-    """The untargeted difference-of-logits-ratio loss per example, [batch] (to be maximized)."""
-    num_classes = logits.shape[-1]
-    onehot = ops.one_hot(ops.cast(y, "int32"), num_classes, dtype=logits.dtype)
-    true_logit = ops.sum(logits * onehot, axis=-1)
-    best_other = ops.max(ops.where(onehot > 0, -1e30, logits), axis=-1)
-    top3 = ops.top_k(logits, 3, sorted=True)[0]
-    # max(., 1e-12) rather than the reference's + 1e-12: TensorFlow's graph optimizer may
-    # reassociate (a - b) + 1e-12 into a - (b - 1e-12), which is 0 / 0 when a == b in float32.
-    return -(true_logit - best_other) / ops.maximum(top3[:, 0] - top3[:, 2], _DLR_EPSILON)
-
-
-def dlr_targeted_loss(logits, y, target):
-    """AutoAttack's targeted DLR loss per example, [batch] (to be maximized): -(z_y - z_t) /
-    (z_pi1 - (z_pi3 + z_pi4) / 2), z_pi the logits sorted in decreasing order."""
-    num_classes = logits.shape[-1]
-    true_logit = ops.sum(logits * ops.one_hot(ops.cast(y, "int32"), num_classes, dtype=logits.dtype), axis=-1)
-    target_logit = ops.sum(logits * ops.one_hot(ops.cast(target, "int32"), num_classes, dtype=logits.dtype), axis=-1)
-    top4 = ops.top_k(logits, 4, sorted=True)[0]
-    scale = top4[:, 0] - 0.5 * (top4[:, 2] + top4[:, 3])
-    return -(true_logit - target_logit) / ops.maximum(scale, _DLR_EPSILON)
 
 
 def objective(loss: str):
     """The per-example loss function (logits, y, target) -> [batch] that `loss` names (the
     untargeted ones ignore the target)."""
     if loss == "dlr-t":
-        return dlr_targeted_loss
+        return losses.dlr_targeted
     if loss == "dlr":
-        return lambda logits, y, target: dlr_loss(logits, y)
+        return lambda logits, y, target: losses.dlr(logits, y)
     if loss == "ce":
-        return lambda logits, y, target: attacks.cross_entropy(logits, y)
+        return lambda logits, y, target: losses.cross_entropy(logits, y)
     raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
+
+
+class State(NamedTuple):
+    """APGD's per-example state between iterations (all [batch, ...] tensors).
+
+    Attributes:
+      x: the current point x_k.
+      x_previous: x_{k-1}, for the momentum.
+      gradient: the gradient the next step follows (at x_k, or at x_best after a restart from it).
+      loss: the loss at x_k.
+      x_best, loss_best, gradient_best: the point of highest loss so far, its loss and gradient.
+      x_fooled: the last point that fooled the model (x_best's shape; meaningful where `fooled`).
+      fooled: whether any point so far fooled the model.
+      step: the step size eta.
+      increases: iterations since the last checkpoint whose loss rose.
+      loss_best_at_check: loss_best at the last checkpoint.
+      reduced_at_check: 1 where the step size was halved at the last checkpoint, else 0.
+    """
+
+    x: object
+    x_previous: object
+    gradient: object
+    loss: object
+    x_best: object
+    loss_best: object
+    gradient_best: object
+    x_fooled: object
+    fooled: object
+    step: object
+    increases: object
+    loss_best_at_check: object
+    reduced_at_check: object
 
 
 def checkpoints(iterations: int) -> list[tuple[int, int]]:
@@ -132,41 +140,44 @@ class CompiledAPGD:
 
         def start(forward, value_and_grad, x, y, target, noise, eps):
             x_adv = project(x + eps * noise, x, eps)
-            losses, logits, gradient = value_and_grad(lambda z, t: loss_fn(z, y, t), x_adv, target)
+            loss, logits, gradient = value_and_grad(lambda z, t: loss_fn(z, y, t), x_adv, target)
             fooled = ops.argmax(logits, axis=-1) != ops.cast(y, "int32")
-            ones = ops.ones_like(losses)
-            # x_adv, x_previous, gradient, loss, x_best, loss_best, gradient_best, x_fooled, fooled,
-            # step, increases, loss_best_at_check, reduced_at_check.
-            return (x_adv, x_adv, gradient, losses, x_adv, losses, gradient, x_adv, fooled,
-                    2.0 * eps * ones, 0.0 * ones, losses, ones)
+            ones = ops.ones_like(loss)
+            return State(x=x_adv, x_previous=x_adv, gradient=gradient, loss=loss, x_best=x_adv, loss_best=loss,
+                         gradient_best=gradient, x_fooled=x_adv, fooled=fooled, step=2.0 * eps * ones,
+                         increases=0.0 * ones, loss_best_at_check=loss, reduced_at_check=ones)
 
-        def iterate(forward, value_and_grad, state, x, y, target, eps, momentum, at_check, window):
-            (x_k, x_prev, gradient, loss_k, x_best, loss_best, gradient_best, x_fooled, fooled,
-             step, increases, best_at_check, reduced_at_check) = state
-            z = project(x_k + _rows(step, x_k) * ops.sign(gradient), x, eps)
-            x_next = project(x_k + momentum * (z - x_k) + (1.0 - momentum) * (x_k - x_prev), x, eps)
+        def iterate(forward, value_and_grad, state: State, x, y, target, eps, momentum, at_check, window):
+            x_k = state.x
+            z = project(x_k + _rows(state.step, x_k) * ops.sign(state.gradient), x, eps)
+            x_next = project(x_k + momentum * (z - x_k) + (1.0 - momentum) * (x_k - state.x_previous), x, eps)
             loss_next, logits, gradient_next = value_and_grad(lambda z, t: loss_fn(z, y, t), x_next, target)
             wrong = ops.argmax(logits, axis=-1) != ops.cast(y, "int32")
-            x_fooled = ops.where(_rows(wrong, x_next), x_next, x_fooled)
-            fooled = ops.logical_or(fooled, wrong)
-            increases = increases + ops.cast(loss_next > loss_k, increases.dtype)
-            better = loss_next > loss_best
-            x_best = ops.where(_rows(better, x_next), x_next, x_best)
-            gradient_best = ops.where(_rows(better, x_next), gradient_next, gradient_best)
-            loss_best = ops.where(better, loss_next, loss_best)
+            increases = state.increases + ops.cast(loss_next > state.loss, state.increases.dtype)
+            better = loss_next > state.loss_best
+            x_best = ops.where(_rows(better, x_next), x_next, state.x_best)
+            gradient_best = ops.where(_rows(better, x_next), gradient_next, state.gradient_best)
+            loss_best = ops.where(better, loss_next, state.loss_best)
             # Checkpoint (at_check is 1 after the iterations `checkpoints` lists, else 0).
             oscillating = increases <= window * RHO
-            stalled = ops.logical_and(reduced_at_check < 0.5, best_at_check >= loss_best)
+            stalled = ops.logical_and(state.reduced_at_check < 0.5, state.loss_best_at_check >= loss_best)
             reduce = ops.logical_and(at_check > 0.5, ops.logical_or(oscillating, stalled))
-            step = ops.where(reduce, 0.5 * step, step)
-            x_new = ops.where(_rows(reduce, x_next), x_best, x_next)
-            gradient_new = ops.where(_rows(reduce, x_next), gradient_best, gradient_next)
             checking = at_check > 0.5
-            reduced_at_check = ops.where(checking, ops.cast(reduce, step.dtype), reduced_at_check)
-            best_at_check = ops.where(checking, loss_best, best_at_check)
-            increases = ops.where(checking, 0.0 * increases, increases)
-            return (x_new, x_next, gradient_new, loss_next, x_best, loss_best, gradient_best, x_fooled, fooled,
-                    step, increases, best_at_check, reduced_at_check)
+            return State(
+                x=ops.where(_rows(reduce, x_next), x_best, x_next),
+                x_previous=x_next,
+                gradient=ops.where(_rows(reduce, x_next), gradient_best, gradient_next),
+                loss=loss_next,
+                x_best=x_best,
+                loss_best=loss_best,
+                gradient_best=gradient_best,
+                x_fooled=ops.where(_rows(wrong, x_next), x_next, state.x_fooled),
+                fooled=ops.logical_or(state.fooled, wrong),
+                step=ops.where(reduce, 0.5 * state.step, state.step),
+                increases=ops.where(checking, 0.0 * increases, increases),
+                loss_best_at_check=ops.where(checking, loss_best, state.loss_best_at_check),
+                reduced_at_check=ops.where(checking, ops.cast(reduce, state.step.dtype), state.reduced_at_check),
+            )
 
         self._start = backend.compile_model_function(model, start, self._count_trace)
         self._iterate = backend.compile_model_function(model, iterate, self._count_trace)
@@ -191,13 +202,26 @@ class CompiledAPGD:
             )
             if on_iteration is not None:
                 on_iteration(i + 1)
-        x_best, loss_best, x_fooled, fooled = (ops.convert_to_numpy(state[k]) for k in (4, 5, 7, 8))
+        x_best, loss_best, x_fooled, fooled = (
+            ops.convert_to_numpy(v) for v in (state.x_best, state.loss_best, state.x_fooled, state.fooled)
+        )
         return np.where(fooled.reshape((-1,) + (1,) * (x_np.ndim - 1)), x_fooled, x_best), fooled, loss_best
+
+    def kernel(self, eps: float, iterations: int) -> driver.Kernel:
+        """This attack as the driver's per-batch kernel."""
+
+        def attack(x, y, noise, target, count, on_progress):
+            x_adv, fooled, loss = self(x, y, target, noise, eps, iterations,
+                                       on_iteration=lambda done: on_progress(done / iterations))
+            self.image_steps += count * (iterations + 1)
+            return x_adv, fooled, loss
+
+        return attack
 
 
 def compiled_apgd(model: keras.Model, loss: str = "ce", clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledAPGD:
     """The `CompiledAPGD` of (model, loss, clip range), made on first use and then reused."""
-    return attacks.per_model(model, CompiledAPGD, loss, float(clip_min), float(clip_max))
+    return driver.per_model(model, CompiledAPGD, loss, float(clip_min), float(clip_max))
 
 
 def apgd(
@@ -241,76 +265,29 @@ def apgd(
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}. Received: loss={loss!r}")
-    x, y = attacks._check_data(x, y, clip_min, clip_max)
-    attacks._check_settings(eps, eps, iterations, restarts, True, seed)
+    x, y = driver.check_data(x, y, clip_min, clip_max)
+    driver.check_settings(eps, eps, iterations, restarts, True, seed)
     targeted = loss == "dlr-t"
     if targeted and not (isinstance(target_classes, (int, np.integer)) and target_classes >= 1):
         raise ValueError(f"target_classes must be a positive integer. Received: target_classes={target_classes}")
-    batch_size = _batch_size(batch_size)
+    batch_size = driver.check_batch_size(batch_size)
     n = len(x)
-    x_adv = x.copy()
-    best_loss = np.full(n, -np.inf, dtype=np.float32)
     if n == 0 or eps == 0:
-        return x_adv
+        return x.copy()
     compiled = compiled_apgd(model, loss, clip_min, clip_max)
-    started = time.perf_counter()
-    # The runs, in order: (restart, rank of the target class by the clean logits; 0: untargeted).
-    runs = [(r, rank) for rank in range(2, target_classes + 2) for r in range(restarts)] if targeted else \
-        [(r, 0) for r in range(restarts)]
-    title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {len(runs)} runs" if len(runs) > 1 else "")
-    bar = progress.bar(f"{title}, {iterations} iterations", n * len(runs), "run" if len(runs) > 1 else "example")
-    with models.as_evaluated(model):
+    with driver.evaluated(model):
         logits = models.predict_logits(model, x, batch_size)
-        fooled = np.argmax(logits, axis=1) != y  # Already adversarial: x itself.
         ranked = np.argsort(-logits, axis=1, kind="stable")
         if targeted and ranked.shape[1] < max(target_classes + 1, 4):
             raise ValueError(f"dlr-t needs at least max(target_classes + 1, 4) classes. Received: {ranked.shape[1]} "
                              f"classes, target_classes={target_classes}")
-        for index, (restart, rank) in enumerate(runs):
-            todo = np.flatnonzero(~fooled)
-            if todo.size == 0:
-                break
-            noise = _restart_noise(seed, restart, x.shape)
-            target = ranked[:, rank - 1] if targeted else y
-            batch = min(batch_size, n)  # One batch shape for every run: one trace.
-            for first in range(0, todo.size, batch):
-                rows = todo[first : first + batch]
-                # Runs settled: earlier runs, examples fooled before this one, earlier batches.
-                before = index * n + (n - todo.size) + first
-                accuracy = [("accuracy", 1.0 - fooled.mean())]
-                result, now_fooled, losses = compiled(
-                    attacks._pad(x[rows], batch), attacks._pad(y[rows], batch), attacks._pad(target[rows], batch),
-                    attacks._pad(noise[rows], batch), eps, iterations,
-                    on_iteration=lambda done: done < iterations and bar.update(
-                        before + len(rows) * done // iterations, accuracy),
-                )
-                count = len(rows)
-                result, now_fooled, losses = result[:count], now_fooled[:count], losses[:count]
-                compiled.image_steps += count * (iterations + 1)
-                attacks.check_adversarial(result, x[rows], eps, clip_min, clip_max)
-                # Rows are not fooled yet: a fooling run always wins, else a higher loss (the losses
-                # of different targets are on one scale: both are DLR ratios).
-                better = now_fooled | (losses > best_loss[rows])
-                x_adv[rows[better]] = result[better]
-                best_loss[rows[better]] = losses[better]
-                fooled[rows] = now_fooled
-            if index + 1 < len(runs):
-                bar.update((index + 1) * n, [("accuracy", 1.0 - fooled.mean())])
-            logging.info(
-                "apgd-%s eps=%g: run %d/%d: %d/%d examples fooled, %.1f s",
-                loss, eps, index + 1, len(runs), int(fooled.sum()), n, time.perf_counter() - started,
-            )
-        bar.update(n * len(runs), [("accuracy", 1.0 - fooled.mean())])  # done, or none left to attack
-    return x_adv
-
-
-def _restart_noise(seed: int, restart: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Uniform noise in [-1, 1); row i depends only on (seed, restart, i)."""
-    return np.random.default_rng([seed, restart]).random(shape, dtype=np.float32) * 2.0 - 1.0
-
-
-def _batch_size(batch_size: int | None) -> int:
-    batch_size = backend.default_attack_batch_size() if batch_size is None else batch_size
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
-    return int(batch_size)
+        # The runs, in order: each target class (ranked 2nd, 3rd, ... by the clean logits) with
+        # every restart, all from the same random starts; untargeted, the restarts.
+        runs = [driver.Run(r, ranked[:, rank - 1]) for rank in range(2, target_classes + 2) for r in range(restarts)] \
+            if targeted else [driver.Run(r) for r in range(restarts)]
+        title = f"apgd-{loss} eps={eps:g}: {n} examples" + (f" x {len(runs)} runs" if len(runs) > 1 else "")
+        return driver.run(
+            compiled.kernel(eps, iterations), x, y, runs, eps=eps, clip_min=clip_min, clip_max=clip_max, seed=seed,
+            random_start=True, batch_size=batch_size, title=f"{title}, {iterations} iterations", name=f"apgd-{loss}",
+            fooled=np.argmax(logits, axis=1) != y,  # already adversarial: x itself
+        )

@@ -1,5 +1,6 @@
-"""The only backend-specific code: gradients with respect to the input, compiled attack loops, and
-data parallelism (the devices a batch is split across, and how arrays are placed on them).
+"""The only backend-specific code: gradients with respect to the input (`value_and_grad`), compiling
+a computation on a model (`compile_model_function`), attack batch sizes, and data parallelism (the
+devices a batch is split across, and how arrays are placed on them).
 
 Everything else is written with `keras.ops` and runs on TensorFlow and JAX alike. TensorFlow and
 JAX are imported lazily, so the package imports on machines that have only one of them.
@@ -8,6 +9,7 @@ JAX are imported lazily, so the package imports on machines that have only one o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import weakref
@@ -21,6 +23,35 @@ def name() -> str:
     return keras.backend.backend()
 
 
+def value_and_grad(fn: Callable, x):
+    """The one input gradient of each backend: (value, aux, d value / dx) of `fn(x) -> (value, aux)`.
+
+    Works eagerly and inside the functions `compile_model_function` compiles.
+
+    Args:
+      fn: maps a tensor shaped like x to (a scalar tensor, anything else to return); may call Keras
+        layers and models.
+      x: a backend tensor.
+
+    Returns:
+      (value, aux, gradient), the gradient shaped like x (zero where value does not depend on x).
+    """
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value, aux = fn(x)
+        return value, aux, tape.gradient(value, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    if backend == "jax":
+        import jax
+
+        (value, aux), grad = jax.value_and_grad(fn, has_aux=True)(x)
+        return value, aux, grad
+    raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
+
+
 def gradient(fn: Callable, x):
     """The gradient of a scalar function `fn` at `x`, computed eagerly.
 
@@ -31,20 +62,7 @@ def gradient(fn: Callable, x):
     Returns:
       d fn / dx, a backend tensor shaped like x.
     """
-    backend = name()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x = tf.convert_to_tensor(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            value = fn(x)
-        return tape.gradient(value, x)
-    if backend == "jax":
-        import jax
-
-        return jax.grad(fn)(keras.ops.convert_to_tensor(x))
-    raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
+    return value_and_grad(lambda v: (fn(v), ()), keras.ops.convert_to_tensor(x))[2]
 
 
 # Batch size of attacks when none is given. Measured on the 2-core CPU (TensorFlow; see
@@ -74,17 +92,17 @@ def default_attack_batch_size() -> int:
 
 # Steps per compiled attack call for TensorFlow on the CPU: a call of 500 images x 20 steps takes
 # about 3 s on the 2-core CPU, so progress updates and Ctrl-C (which Python sees only between
-# calls) come within seconds; each call adds a forward pass and a copy to the host: 20 steps per
-# call cost about 2% of PGD's time there, 10 steps 2-4% (BENCHMARKS.md). Elsewhere the whole loop
-# is one call (fast on an accelerator; a Python loop already on JAX's CPU).
+# calls) come within seconds; 20 steps per call cost about 2% of PGD's time there, 10 steps 2-4%
+# (BENCHMARKS.md). JAX on the CPU: one step per call (a Python loop over one jitted step was 4x
+# faster there than the whole loop in one call). On an accelerator the whole loop is one call.
 TF_CPU_ATTACK_STEPS_PER_CALL = 20
 
 
 def attack_steps_per_call() -> int | None:
     """How many steps one call of a compiled attack loop should take (None: all of them)."""
-    if name() == "tensorflow" and not on_accelerator():
-        return TF_CPU_ATTACK_STEPS_PER_CALL
-    return None
+    if on_accelerator():
+        return None
+    return TF_CPU_ATTACK_STEPS_PER_CALL if name() == "tensorflow" else 1
 
 
 def device_description() -> str:
@@ -124,56 +142,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def compile_attack_loop(
-    model: keras.Model,
-    objective: Callable,
-    update: Callable,
-    on_trace: Callable[[], None],
-    jax_whole_loop: bool | None = None,
-) -> Callable:
-    """Compiles an iterative attack on `model`: the whole loop, traced once per input shape.
-
-    The loop is, from a given x_0,
-        x_{t+1} = update(x_t, d/dx_t sum(objective(model(x_t), y)), x, eps, step_size)
-    for t < steps, followed by one forward pass at x_steps. A loop of n steps from x_0 ends where
-    two calls of n1 and n - n1 steps end (the second starting from the first's x_adv). eps, step_size and steps are traced
-    arguments and the model's variables are read at every call (passed in as values, with
-    `model.stateless_call`), so neither another attack size nor a changed weight or switch
-    retraces.
-
-    How the loop is compiled, by backend and device:
-      - TensorFlow: a `tf.function` with a `tf.range` loop; XLA only on a GPU (on the CPU the same
-        loop under XLA was 10-25x slower, measured on the 2-core CPU);
-      - JAX on an accelerator: one `jax.jit` with a `lax.fori_loop`;
-      - JAX on the CPU: a Python loop over one jitted gradient step (4x faster there than
-        `fori_loop`); the last forward pass is one more step whose update is discarded.
-
-    The compiled functions hold the model weakly, so a cache of them keyed on the model does not
-    keep it alive.
-
-    Args:
-      model: a built Keras model from inputs to logits.
-      objective: (logits, y) -> per-example loss [batch], written with keras.ops.
-      update: (x_t, gradient, x, eps, step_size) -> x_{t+1}.
-      on_trace: called each time a compiled function is traced (Python side effect).
-      jax_whole_loop: on JAX, True compiles the loop with `fori_loop`, False loops in Python over
-        a jitted step; None picks by device (the whole loop on accelerators). Ignored on TensorFlow.
-
-    Returns:
-      run(x, y, x_0, eps, step_size, steps) -> (x_adv, loss, logits) as NumPy arrays, with loss
-      and logits those of x_adv = x_steps.
-    """
-    backend = name()
-    model_ref = weakref.ref(model)
-    if backend == "tensorflow":
-        return _tf_attack_loop(model_ref, objective, update, on_trace)
-    if backend == "jax":
-        if jax_whole_loop is None:
-            jax_whole_loop = on_accelerator()
-        return _jax_attack_loop(model_ref, objective, update, on_trace, jax_whole_loop)
-    raise NotImplementedError(f"polar_tf supports the tensorflow and jax backends, not {backend!r}")
-
-
 def _variable_values(model_ref):
     model = model_ref()
     return (
@@ -186,111 +154,18 @@ def _forward(model_ref, trainable, non_trainable, x):
     return model_ref().stateless_call(trainable, non_trainable, x, training=False)[0]
 
 
-def _tf_attack_loop(model_ref, objective, update, on_trace):
-    import tensorflow as tf
-
-    def forward(trainable, non_trainable, x):
-        return _forward(model_ref, trainable, non_trainable, x)
-
-    @tf.function(jit_compile=on_accelerator())
-    def loop(trainable, non_trainable, x, y, x_adv, eps, step_size, steps):
-        on_trace()
-        for _ in tf.range(steps):
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                total = tf.reduce_sum(objective(forward(trainable, non_trainable, x_adv), y))
-            x_adv = update(x_adv, tape.gradient(total, x_adv), x, eps, step_size)
-        logits = forward(trainable, non_trainable, x_adv)
-        return x_adv, objective(logits, y), logits
-
-    def run(x, y, x_start, eps, step_size, steps):
-        trainable, non_trainable = _variable_values(model_ref)
-        outputs = loop(
-            trainable,
-            non_trainable,
-            tf.convert_to_tensor(x, tf.float32),
-            tf.convert_to_tensor(y, tf.int32),
-            tf.convert_to_tensor(x_start, tf.float32),
-            tf.constant(eps, tf.float32),
-            tf.constant(step_size, tf.float32),
-            tf.constant(steps, tf.int32),
-        )
-        return tuple(o.numpy() for o in outputs)
-
-    return run
-
-
-def _jax_attack_loop(model_ref, objective, update, on_trace, whole_loop: bool):
-    import jax
-    import jax.numpy as jnp
-
-    def forward(trainable, non_trainable, x):
-        return _forward(model_ref, trainable, non_trainable, x)
-
-    def loss_and_gradient(trainable, non_trainable, x_adv, y):
-        def total(x_adv):
-            logits = forward(trainable, non_trainable, x_adv)
-            losses = objective(logits, y)
-            return jnp.sum(losses), (losses, logits)
-
-        return jax.value_and_grad(total, has_aux=True)(x_adv)
-
-    def arguments(x, y, x_start, eps, step_size):
-        """The loop's arguments, the batch split across the devices of a data-parallel run."""
-        batch = _jax_place_batch(
-            [np.asarray(x, np.float32), np.asarray(y, np.int32), np.asarray(x_start, np.float32)]
-        )
-        return (*batch, jnp.asarray(eps, jnp.float32), jnp.asarray(step_size, jnp.float32))
-
-    if whole_loop:
-
-        @jax.jit
-        def loop(trainable, non_trainable, x, y, x_start, eps, step_size, steps):
-            on_trace()
-
-            def body(_, x_adv):
-                _, gradient = loss_and_gradient(trainable, non_trainable, x_adv, y)
-                return update(x_adv, gradient, x, eps, step_size)
-
-            x_adv = jax.lax.fori_loop(0, steps, body, x_start)
-            logits = forward(trainable, non_trainable, x_adv)
-            return x_adv, objective(logits, y), logits
-
-        def run(x, y, x_start, eps, step_size, steps):
-            trainable, non_trainable = _jax_replicate(_variable_values(model_ref))
-            outputs = loop(trainable, non_trainable, *arguments(x, y, x_start, eps, step_size), jnp.int32(steps))
-            return tuple(_jax_fetch(o, len(x)) for o in outputs)
-
-        return run
-
-    @jax.jit
-    def step(trainable, non_trainable, x_adv, x, y, eps, step_size):
-        """One update from x_adv, and the loss and logits at x_adv (before the update)."""
-        on_trace()
-        (_, (losses, logits)), gradient = loss_and_gradient(trainable, non_trainable, x_adv, y)
-        return update(x_adv, gradient, x, eps, step_size), losses, logits
-
-    def run(x, y, x_start, eps, step_size, steps):
-        n = len(x)
-        trainable, non_trainable = _jax_replicate(_variable_values(model_ref))
-        x, y, x_adv, eps, step_size = arguments(x, y, x_start, eps, step_size)
-        for _ in range(steps):
-            x_adv, _, _ = step(trainable, non_trainable, x_adv, x, y, eps, step_size)
-        _, losses, logits = step(trainable, non_trainable, x_adv, x, y, eps, step_size)
-        return _jax_fetch(x_adv, n), _jax_fetch(losses, n), _jax_fetch(logits, n)
-
-    return run
-
-
 def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[[], None]) -> Callable:
-    """Compiles `fn(forward, value_and_grad, *args)` on `model`, traced once per argument shape.
+    """Compiles `fn(forward, value_and_grad, *args)` on `model`, traced once per argument shape:
+    the one way the attacks compile their work.
 
-    Inside `fn` (written with keras.ops), `forward(x)` returns the logits and
-    `value_and_grad(objective, x, y)` returns (objective(logits, y), logits, d sum(objective) / dx)
-    (zero where the loss does not depend on x), both with the model's variable values read at each
-    call and passed in as arguments (`model.stateless_call`), so a changed weight or switch needs no
-    retrace. TensorFlow: a `tf.function` (XLA only on a GPU, as `compile_attack_loop`); JAX: one
-    `jax.jit`. The compiled function holds the model weakly.
+    Inside `fn` (written with keras.ops; loops with `keras.ops.fori_loop`), `forward(x)` returns
+    the logits and `value_and_grad(objective, x, y)` returns (objective(logits, y), logits,
+    d sum(objective) / dx) (zero where the loss does not depend on x), both with the model's
+    variable values read at each call and passed in as arguments (`model.stateless_call`), so a
+    changed weight or switch needs no retrace. TensorFlow: a `tf.function`, with XLA only on a GPU
+    (on the CPU an attack loop under XLA was 10-25x slower, measured on the 2-core CPU); JAX: one
+    `jax.jit`, its arguments placed for a data-parallel run by `_jax_place_arguments`. The compiled
+    function holds the model weakly, so a cache of them keyed on the model does not keep it alive.
 
     Args:
       model: a built Keras model from inputs to logits.
@@ -304,23 +179,30 @@ def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[
     """
     backend = name()
     model_ref = weakref.ref(model)
+
+    def traced(trainable, non_trainable, args):
+        on_trace()
+
+        def forward(x):
+            return _forward(model_ref, trainable, non_trainable, x)
+
+        def model_value_and_grad(objective, x, y):
+            def total(x):
+                logits = forward(x)
+                losses = objective(logits, y)
+                return keras.ops.sum(losses), (losses, logits)
+
+            _, (losses, logits), grad = value_and_grad(total, x)
+            return losses, logits, grad
+
+        return fn(forward, model_value_and_grad, *args)
+
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(jit_compile=on_accelerator())
-        def tf_compiled(trainable, non_trainable, args):
-            on_trace()
-
-            def value_and_grad(objective, x, y):
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    logits = _forward(model_ref, trainable, non_trainable, x)
-                    losses = objective(logits, y)
-                    total = tf.reduce_sum(losses)
-                gradient = tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                return losses, logits, gradient
-
-            return fn(lambda x: _forward(model_ref, trainable, non_trainable, x), value_and_grad, *args)
+        # A partial: TensorFlow counts the traces of every tf.function of one code object together
+        # and warns of retracing past 5; each compiled function is traced for its own shapes.
+        tf_compiled = tf.function(functools.partial(traced), jit_compile=on_accelerator())
 
         def tf_run(*args):
             trainable, non_trainable = _variable_values(model_ref)
@@ -329,22 +211,8 @@ def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[
         return tf_run
     if backend == "jax":
         import jax
-        import jax.numpy as jnp
 
-        @jax.jit
-        def jax_compiled(trainable, non_trainable, args):
-            on_trace()
-
-            def value_and_grad(objective, x, y):
-                def total(x):
-                    logits = _forward(model_ref, trainable, non_trainable, x)
-                    losses = objective(logits, y)
-                    return jnp.sum(losses), (losses, logits)
-
-                (_, (losses, logits)), gradient = jax.value_and_grad(total, has_aux=True)(x)
-                return losses, logits, gradient
-
-            return fn(lambda x: _forward(model_ref, trainable, non_trainable, x), value_and_grad, *args)
+        jax_compiled = jax.jit(traced)
 
         def jax_run(*args):
             trainable, non_trainable = _jax_replicate(_variable_values(model_ref))
@@ -373,7 +241,7 @@ def data_parallel():
     first joins the processes (it reads $KERAS_DISTRIBUTION_JOB_ADDRESSES, the coordinator's
     address, and $KERAS_DISTRIBUTION_PROCESS_ID too), once per process. Keras objects made in the block (models built or loaded, optimizers) have their
     variables replicated on all devices, `fit` splits each batch across them, and the attack loops
-    (`compile_attack_loop`), `predict` and `place_rows` place batches the same way. Each process
+    (`compile_model_function`), `predict` and `place_rows` place batches the same way. Each process
     feeds `fit` its own rows (`polar_tf.parallel.epoch_rows`), so datasets are not auto-sharded.
 
     Raises:

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, certify, data, evaluation_figures, models, plots, report, results_dir, results_md, run_dir
+from polar_tf import attacks, certify, data, evaluation_figures, losses, models, plots, report, results_dir, results_md, run_dir
 from polar_tf.evaluation_config import EvalConfig
 
 DEFAULT_DATASET = "mnist"  # for a model whose training config is unknown
@@ -150,7 +150,7 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
     clean = float(np.mean(clean_correct))
     logging.info("%s: clean accuracy %.4f on %d images", label, clean, len(x))
     with models.as_evaluated(model):
-        fallback = float(np.mean(attacks.ce_falls_back(models.predict_logits(model, x, 1000), y)))
+        fallback = float(np.mean(losses.ce_falls_back(models.predict_logits(model, x, 1000), y)))
     adversarial = None
     survives = {}  # eps -> per example, correct under every attack run at that eps
     for eps in config.eps_values:

@@ -103,7 +103,7 @@ def evaluation_configs(dataset: str, protocol: Protocol, paths: list[str]) -> di
         "table": table,
         "sweep": dataclasses.replace(table, num_examples=protocol.sweep_examples, pgd_examples=None,
                                      eps_sweep=parse_eps_sweep(SWEEP), restarts=1),
-        # A control for BIM: the margin loss, which has no fallback (see attacks.ce_falls_back); on
+        # A control for BIM: the margin loss, which has no fallback (see losses.ce_falls_back); on
         # the images PGD attacks, where the table attacks some with BIM only.
         "bim_margin": dataclasses.replace(table, attacks=("bim",), loss="cw", certify=False, pgd_examples=None,
                                           num_examples=protocol.pgd_examples or protocol.num_examples),

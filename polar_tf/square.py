@@ -28,7 +28,10 @@ A query is a forward pass, and only the examples still attacked are computed: ev
 `_SYNC_EVERY` iterations the fooled ones leave and the others are re-packed into fewer or
 smaller calls, of a few shapes (`Run`, `layout`). On a defended model, where most examples fall
 in the first hundred queries and a few hold out to the budget, that is most of the work
-(BENCHMARKS.md, "Square attack").
+(BENCHMARKS.md, "Square attack"). That is why Square is not a per-batch kernel of the attack
+driver (`polar_tf.driver.run`, whose batches are fixed until they finish): it takes the driver's
+input checks, seeding (`driver.per_example`), saturation switch and invariant check, and keeps its
+own loop and progress bar in `Run` and `square`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
-from polar_tf import attacks, backend, models, progress
+from polar_tf import backend, driver, losses, models, progress
 
 DEFAULT_QUERIES = 5000
 DEFAULT_P_INIT = 0.8  # AutoAttack's for L-inf, and the Square authors' on MNIST
@@ -49,14 +52,6 @@ DEFAULT_P_INIT = 0.8  # AutoAttack's for L-inf, and the Square authors' on MNIST
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _UNCHANGED = 1e-7
 _SYNC_EVERY = 20  # iterations between copies of the margins to the host, where fooled examples leave
-_BLOCK = 256  # examples per random generator (see `_per_example`)
-
-
-def margin(logits, y):
-    """z_y - max_{j != y} z_j per example: > 0 while the example is classified correctly."""
-    onehot = ops.one_hot(ops.cast(y, "int32"), logits.shape[-1], dtype=logits.dtype)
-    true_logit = ops.sum(logits * onehot, axis=-1)
-    return true_logit - ops.max(ops.where(onehot > 0, -1e30, logits), axis=-1)
 
 
 def p_selection(p_init: float, iteration: int, iterations: int, rescale: bool = False) -> float:
@@ -86,7 +81,7 @@ class CompiledSquare:
             return ops.clip(values, self.clip_min, self.clip_max)
 
         def evaluate(forward, value_and_grad, x_new, y):
-            return margin(forward(x_new), y)
+            return losses.margin(forward(x_new), y)
 
         def iterate(forward, value_and_grad, state, x, y, eps, side, corners, signs):
             x_best, margin_best, queries = state
@@ -107,7 +102,7 @@ class CompiledSquare:
             unchanged = ops.reshape(ops.all(same, axis=(1, 2, 3)), (-1, 1, 1, 1))
             candidate = ops.where(inside, eps * ops.where(unchanged, -signs, signs), delta)
             x_new = clip(x + candidate)
-            margin_new = margin(forward(x_new), y)
+            margin_new = losses.margin(forward(x_new), y)
             active = margin_best > 0
             better = ops.logical_and(active, margin_new < margin_best)
             x_best = ops.where(ops.reshape(better, (-1, 1, 1, 1)), x_new, x_best)
@@ -123,7 +118,7 @@ class CompiledSquare:
 
 def compiled_square(model: keras.Model, clip_min: float = 0.0, clip_max: float = 1.0) -> CompiledSquare:
     """The `CompiledSquare` of (model, clip range), made on first use and then reused."""
-    return attacks.per_model(model, CompiledSquare, float(clip_min), float(clip_max))
+    return driver.per_model(model, CompiledSquare, float(clip_min), float(clip_max))
 
 
 def square(
@@ -166,22 +161,20 @@ def square(
       ValueError: bad arguments, or x outside [clip_min, clip_max].
       AttackInvariantError: an adversarial batch left the eps-ball or the pixel range.
     """
-    x, y = attacks._check_data(x, y, clip_min, clip_max)
-    attacks._check_settings(eps, eps, 1, 1, True, seed)
+    x, y = driver.check_data(x, y, clip_min, clip_max)
+    driver.check_settings(eps, eps, 1, 1, True, seed)
     if x.ndim != 4:
         raise ValueError(f"x must be images [n, height, width, channels]. Received shape {x.shape}")
     if not (isinstance(queries, (int, np.integer)) and queries >= 2):
         raise ValueError(f"queries must be an integer >= 2. Received: queries={queries}")
     if not (isinstance(p_init, (int, float)) and 0 < p_init <= 1):
         raise ValueError(f"p_init must be in (0, 1]. Received: p_init={p_init}")
-    batch_size = backend.default_attack_batch_size() if batch_size is None else batch_size
-    if not (isinstance(batch_size, (int, np.integer)) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
+    batch_size = driver.check_batch_size(batch_size)
     n = len(x)
     x_adv = x.copy()
     spent = np.ones(n, dtype=np.int64)  # the clean query
     started = time.perf_counter()
-    with models.as_evaluated(model):
+    with driver.evaluated(model):
         correct = models.predict_labels(model, x, max(min(batch_size, n), 1)) == y if n else np.zeros(0, bool)
         todo = np.flatnonzero(correct) if eps > 0 else np.zeros(0, np.int64)
         bar = progress.bar(f"square eps={eps:g}: {todo.size} examples, {queries} queries each", todo.size, "example")
@@ -194,7 +187,7 @@ def square(
                 finished = todo.size - run.active
                 bar.update(finished + run.active * (t + 2) // queries,
                            [("accuracy", 1 - (n - todo.size + finished) / max(n, 1))])
-        attacks.check_adversarial(run.x_best, x[todo], eps, clip_min, clip_max)
+        driver.check_adversarial(run.x_best, x[todo], eps, clip_min, clip_max)
         x_adv[todo] = run.x_best
         spent[todo] = run.queries
         fooled = n - todo.size + int(np.sum(run.margin <= 0))
@@ -258,7 +251,7 @@ class Run:
         for positions, count in self._pack(np.arange(self.todo.size)):
             rows = self.todo[positions]
             xb, yb = self._inputs(rows)
-            stripes = _signs((self.seed, 0), rows, (1, width, channels))
+            stripes = driver.signs((self.seed, 0), rows, (1, width, channels))
             x_start = np.clip(self.x[rows] + self.eps * stripes, self.clip_min, self.clip_max)
             state = (x_start, self.compiled._evaluate(x_start, yb), np.full(len(rows), 2, np.int32))
             calls.append([positions, count, xb, yb, state])
@@ -320,25 +313,8 @@ class Run:
 def proposals(seed: int, iteration: int, rows: np.ndarray, side: int, height: int, channels: int):
     """The squares proposed at `iteration` to the examples `rows`: top-left corners int32 [k, 2]
     in [0, height - side) and signs float32 [k, channels] in {-1, +1}. Each example's draw depends
-    only on (seed, iteration, its index): not on the batch, nor on which others are attacked."""
-    corners = _per_example((seed, 1 + iteration, 0), rows, lambda rng: rng.integers(0, height - side, (_BLOCK, 2)))
-    return corners.astype(np.int32), _signs((seed, 1 + iteration, 1), rows, (channels,))
-
-
-def _signs(key: tuple[int, ...], rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Random signs float32 [len(rows), *shape], each example's from (key, its index) alone."""
-    return _per_example(key, rows, lambda rng: rng.choice(np.array([-1.0, 1.0], np.float32), (_BLOCK, *shape)))
-
-
-def _per_example(key: tuple[int, ...], rows: np.ndarray, draw) -> np.ndarray:
-    """draw(rng)[i % _BLOCK] for each example index i of `rows`, with rng seeded from (key, i // _BLOCK):
-    blocks of consecutive examples share one generator, so that drawing stays cheap."""
-    blocks = rows // _BLOCK
-    out = None
-    for block in np.unique(blocks):
-        at = np.flatnonzero(blocks == block)
-        drawn = draw(np.random.default_rng([*key, int(block)]))
-        if out is None:
-            out = np.empty((len(rows), *drawn.shape[1:]), drawn.dtype)
-        out[at] = drawn[rows[at] % _BLOCK]
-    return out
+    only on (seed, iteration, its index) (`driver.per_example`): not on the batch, nor on which
+    others are attacked."""
+    corners = driver.per_example((seed, 1 + iteration, 0), rows,
+                                 lambda rng: rng.integers(0, height - side, (driver.BLOCK, 2)))
+    return corners.astype(np.int32), driver.signs((seed, 1 + iteration, 1), rows, (channels,))

@@ -1,7 +1,6 @@
 """Tests of polar_tf.attacks: invariants, exact values, tracing, determinism and attack strength."""
 
 import gc
-import math
 import weakref
 
 import keras
@@ -10,7 +9,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import attacks, backend, models
+from polar_tf import attacks, backend, losses, models
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 
 EPS = 0.1
@@ -86,62 +85,12 @@ def test_project_clips_to_ball_and_range():
     np.testing.assert_array_equal(got, [0.0, f(0.5) + f(0.1), f(1.0) - f(0.1), 1.0])
 
 
-def test_per_example_loss_values():
-    logits = np.zeros((5, 10), np.float32)
-    logits[0, :2] = [2.0, 1.0]  # ordinary
-    logits[1, 0] = 30.0  # confident: float32 -log softmax is 0, the loss is not
-    logits[2, 0] = 40.0  # float64 cross-entropy underflows: MSE fallback
-    logits[3, 1] = 100.0  # confidently wrong
-    logits[4, :3] = [1.0, 3.0, 2.0]
-    y = np.zeros(5, np.int32)
-    ce = ops.convert_to_numpy(attacks.per_example_loss(logits, y, "ce")).astype(np.float64)
-    reference = np.log(np.sum(np.exp(logits.astype(np.float64)), axis=1)) - logits[:, 0]
-    np.testing.assert_allclose(ce[[0, 3, 4]], reference[[0, 3, 4]], rtol=1e-6)
-    np.testing.assert_allclose(ce[1], math.log1p(9 * math.exp(-30.0)), rtol=1e-5)
-    np.testing.assert_allclose(ce[2], (39.0**2) / 10, rtol=1e-6)
-    cw = ops.convert_to_numpy(attacks.per_example_loss(logits, y, "cw"))
-    np.testing.assert_array_equal(cw, [-1.0, -30.0, -40.0, 100.0, 2.0])
-    # log(9 e^-40) = -37.8 <= -53 ln 2 = -36.7: only the example at 40 takes the fallback.
-    np.testing.assert_array_equal(attacks.ce_falls_back(logits, y), [False, False, True, False, False])
-    # ... and, on the fallback, maximizing the MSE raises the true logit further.
-    grad = ops.convert_to_numpy(backend.gradient(lambda l: ops.sum(attacks.per_example_loss(l, y, "ce")), logits))
-    assert grad[2, 0] > 0
-
-
-def test_cross_entropy_gradient_does_not_vanish_on_confident_examples():
-    logits = np.zeros((1, 10), np.float32)
-    logits[0, 0] = 30.0
-    y = np.zeros(1, np.int32)
-    grad = ops.convert_to_numpy(backend.gradient(lambda l: ops.sum(attacks.per_example_loss(l, y, "ce")), logits))
-    p = math.exp(-30.0) / (1 + 9 * math.exp(-30.0))  # softmax of every wrong class
-    np.testing.assert_allclose(grad[0, 1:], p, rtol=1e-5)
-    np.testing.assert_allclose(grad[0, 0], -9 * p, rtol=1e-5)  # p_y - 1: exactly 0 in naive float32
-
-
-def test_plain_cross_entropy_has_no_fallback_and_lowers_the_true_logit_where_the_reference_loss_raises_it():
-    logits = np.zeros((2, 10), np.float32)
-    logits[0, :2] = [2.0, 1.0]
-    logits[1, 0] = 40.0  # the reference's loss takes the MSE fallback here
-    y = np.zeros(2, np.int32)
-    ce = ops.convert_to_numpy(attacks.cross_entropy(logits, y)).astype(np.float64)
-    np.testing.assert_allclose(ce[0], math.log(math.exp(2.0) + math.e + 8) - 2.0, rtol=1e-6)
-    np.testing.assert_allclose(ce[1], 9 * math.exp(-40.0), rtol=1e-5)  # log(1 + s) = s - s^2/2 ...
-    grad = ops.convert_to_numpy(backend.gradient(lambda l: ops.sum(attacks.cross_entropy(l, y)), logits))
-    assert grad[1, 0] < 0 and np.all(grad[1, 1:] > 0)
-
-
-def test_check_adversarial():
-    x = np.full((2, 3), 0.5, np.float32)
-    attacks.check_adversarial(x + np.float32(0.1) + np.float32(5e-7), x, 0.1)  # float32 slack is fine
-    for bad, message in (
-        (x + 0.11, "exceeds eps"),
-        (np.full_like(x, 1.05), "exceeds eps"),
-        (np.where(np.eye(2, 3) > 0, np.nan, x), "non-finite"),
-    ):
-        with pytest.raises(attacks.AttackInvariantError, match=message):
-            attacks.check_adversarial(bad, x, 0.1)
-    with pytest.raises(attacks.AttackInvariantError, match="outside"):
-        attacks.check_adversarial(np.full_like(x, 1.05), np.ones_like(x), 0.1)
+def test_per_example_loss_names_the_losses_modules_functions():
+    logits = np.array([[2.0, 1.0, 0.0], [40.0, 0.0, 0.0], [1.0, 3.0, 2.0]], np.float32)
+    y = np.zeros(3, np.int32)
+    same = lambda a, b: np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    same(attacks.per_example_loss(logits, y, "ce"), losses.cross_entropy(logits, y, reference_fallback=True))
+    same(attacks.per_example_loss(logits, y, "cw"), losses.cw(logits, y))
 
 
 # Invariants of the attacks.
@@ -225,44 +174,37 @@ def test_attack_is_traced_once_across_batches_and_settings():
     compiled = attacks.compiled_attack(model, "ce")
     assert compiled.traces == 0
     attacks.pgd(model, x, y, eps=EPS, steps=3, restarts=2, batch_size=10)  # 3 batches, the last padded
-    assert compiled.traces == 1
+    assert compiled.traces == 2  # the steps, and the loss and logits at their end
     attacks.pgd(model, x, y, eps=0.2, step_size=0.05, steps=5, restarts=1, seed=4, batch_size=10)
     attacks.bim(model, x, y, eps=0.3, steps=2, batch_size=10)
     attacks.fgsm(model, x, y, eps=0.3, batch_size=10)
-    assert compiled.traces == 1
+    assert compiled.traces == 2
     # Padding rows are not counted; PGD's second restart attacks only the examples not yet fooled.
     single_restarts = 25 * 3 + 25 * 5 + 25 * 2 + 25
     assert single_restarts <= compiled.image_steps <= single_restarts + 25 * 3
     attacks.fgsm(model, x[:3], y[:3], eps=0.3, batch_size=10)  # fewer images than a batch: a new shape
-    assert compiled.traces == 2
+    assert compiled.traces == 4
     assert attacks.compiled_attack(model, "ce") is compiled
     assert attacks.compiled_attack(model, "cw") is not compiled
 
 
-@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX's two ways of compiling the loop")
-def test_jax_whole_loop_and_python_loop_agree(cnn):
-    """The accelerator path (one jit with fori_loop) checked on the CPU against the CPU path."""
+def test_steps_per_call_do_not_change_the_result(cnn):
+    """The whole loop in one compiled call (accelerators) against one step per call (JAX's CPU) and
+    a few per call (TensorFlow's CPU): each call continues from the last one's images."""
     x, y = random_batch(6)
     noise = np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
-    outputs = []
-    for whole_loop in (True, False):
-        run = backend.compile_attack_loop(
-            cnn,
-            objective=lambda logits, labels: attacks.per_example_loss(logits, labels),
-            update=lambda x_t, g, x, eps, a: attacks.project(x_t + a * ops.sign(g), x, eps),
-            on_trace=lambda: None,
-            jax_whole_loop=whole_loop,
-        )
-        outputs.append(run(x, y, attacks.start_point(x, noise, EPS), EPS, EPS / 4, 5))
-    # One XLA computation against several may round a gradient component within rounding of 0 to
+    attack = attacks.compiled_attack(cnn, "ce")
+    outputs = [attack(x, y, noise, EPS, EPS / 4, 5, steps_per_call=per_call) for per_call in (None, 1, 2)]
+    # One XLA loop against several calls may round a gradient component within rounding of 0 to
     # the other sign, moving that pixel by a step: few pixels may differ; where none does, the
     # loss and logits agree to float32 rounding.
-    (x_whole, *rest_whole), (x_stepped, *rest_stepped) = outputs
-    moved = np.abs(x_whole - x_stepped).reshape(len(x), -1) > 1e-6
-    assert moved.mean() <= 0.01
-    same = ~moved.any(axis=1)
-    for whole, stepped in zip(rest_whole, rest_stepped):
-        np.testing.assert_allclose(whole[same], stepped[same], rtol=1e-5, atol=1e-5)
+    (x_whole, *rest_whole) = outputs[0]
+    for x_stepped, *rest_stepped in outputs[1:]:
+        moved = np.abs(x_whole - x_stepped).reshape(len(x), -1) > 1e-6
+        assert moved.mean() <= 0.01
+        same = ~moved.any(axis=1)
+        for whole, stepped in zip(rest_whole, rest_stepped):
+            np.testing.assert_allclose(whole[same], stepped[same], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_attack_cache_does_not_keep_models_alive():
@@ -281,7 +223,7 @@ def test_attack_sees_weight_changes_without_retracing():
     before = attacks.fgsm(model, x, y, eps=EPS)
     model.set_weights([-w for w in model.get_weights()])
     after = attacks.fgsm(model, x, y, eps=EPS)
-    assert attacks.compiled_attack(model).traces == 1
+    assert attacks.compiled_attack(model).traces == 2
     assert not np.array_equal(before, after)
 
 

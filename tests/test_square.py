@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import models, square
+from polar_tf import losses, models, square
 
 
 def test_square_schedule():
@@ -50,7 +50,7 @@ def test_square_respects_its_query_budget(trained_mlp, mnist_small):
     margins, decided = {}, np.ones(len(y), bool)
     for name, images in (("clean", x), ("adversarial", x_adv)):
         logits = trained_mlp.predict(images, verbose=0)
-        margins[name] = ops.convert_to_numpy(square.margin(logits, y))
+        margins[name] = ops.convert_to_numpy(losses.margin(logits, y))
         decided &= np.abs(margins[name]) > 2 * float_paths.logit_atol(logits)
     assert decided.mean() >= 0.95
     correct, survived = margins["clean"] > 0, margins["adversarial"] > 0
@@ -137,7 +137,7 @@ def test_square_batch_sizes_differ_only_at_near_ties(trained_mlp, mnist_small):
     images = x_a.reshape(-1, *x.shape[1:])
     labels = np.tile(y[todo], queries - 1)
     logits = [trained_mlp.predict(images, batch_size=b, verbose=0) for b in (64, 100)]
-    margins = [ops.convert_to_numpy(square.margin(z, labels)) for z in logits]
+    margins = [ops.convert_to_numpy(losses.margin(z, labels)) for z in logits]
     measured = np.max(np.abs(margins[0] - margins[1]))
     # 4x the measured difference, and never below a few float32 ulps of the logits' size.
     noise = max(4 * float(measured), 1e-5 * max(1.0, float(np.abs(logits[0]).max())))
