@@ -35,7 +35,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, data, driver, models, report, results_dir, run_dir
+from polar_tf import attacks, certify, data, driver, models, report, results_dir, run_dir
 from polar_tf.apgd import apgd
 from polar_tf.evaluation_config import HALF, AdaptiveConfig
 from polar_tf.masking_checks import (check_eps_to_half, check_gradient_free, check_iterative, check_more_budget,
@@ -210,7 +210,7 @@ def evaluate_model(
     checks = _sanity_checks(targets, x, y, eps, config, clean, correct, runs, escalation)
     for check in checks:
         logging.info("%s: check %s: %s %s", label, check["name"], check["status"], check_numbers(check))
-    return {
+    record = {
         "label": label,
         "path": os.path.abspath(path) if path else None,
         "sha256": report.fingerprint(path) if path else None,
@@ -219,8 +219,11 @@ def evaluate_model(
         "attacks": runs,
         "worst_case_accuracy": float(robust.mean()),
         "checks": checks,
-        "seconds": time.perf_counter() - model_started,
     }
+    if config.certify:
+        record["certified"] = [certify.checked_against_attacks(model, label, x, y, eps, robust)]
+    record["seconds"] = time.perf_counter() - model_started
+    return record
 
 
 def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, clean, correct, record) -> list[dict[str, Any]]:

@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Iterator
 
 import keras
 import numpy as np
+from absl import logging
 from keras import ops
 
 from polar_tf import backend, progress
@@ -62,6 +64,10 @@ Z_MARGIN = 1e-5
 LOGIT_TOLERANCE = 1e-4
 # What the certificates are called in `CertificationResult.summary`, by saturating first layer.
 SOURCES = ("frontend", "quantize", "input")
+
+
+class CertificateViolation(RuntimeError):
+    """An attack broke a certified example: a bug in the certificate or in the attack."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,3 +547,30 @@ def _count(mask) -> np.ndarray:
     """Number of True entries per example of a batched mask."""
     mask = ops.convert_to_numpy(mask)
     return mask.reshape(len(mask), -1).sum(axis=1)
+
+
+def checked_against_attacks(model: keras.Model, label: str, x: np.ndarray, y: np.ndarray, eps: float,
+                            survives: np.ndarray) -> dict[str, Any]:
+    """`certify`'s summary at eps, after checking that every certified example survived the attacks.
+
+    Args:
+      model, x, y, eps: as for `certify`.
+      label: the model's name in the error.
+      survives: per example, whether it was classified correctly under every attack run at eps.
+
+    Raises:
+      CertificateViolation: an attack broke a certified example.
+    """
+    start = time.perf_counter()
+    result = certify(model, x, y, eps)
+    broken = np.flatnonzero(result.certified_ibp & ~survives)
+    if broken.size:
+        raise CertificateViolation(
+            f"{label}: {broken.size} examples certified at eps={eps} were broken by an attack "
+            f"(first indices {broken[:10].tolist()}); the certificate or the attack is wrong"
+        )
+    summary = result.summary()
+    summary["seconds"] = time.perf_counter() - start
+    summary["checked_against_attacks"] = True
+    logging.info("%s: certified accuracy at eps=%g: %s (%.1f s)", label, eps, summary["certified_accuracy"], summary["seconds"])
+    return summary

@@ -192,29 +192,9 @@ def _evaluate_model(model, path, label, x, y, config: EvalConfig, runs: list[dic
         "runs": runs,
     }
     if config.certify:
-        record["certified"] = [_certify_and_check(model, label, x, y, eps, survives[eps]) for eps in config.eps_values]
+        record["certified"] = [certify.checked_against_attacks(model, label, x, y, eps, survives[eps])
+                               for eps in config.eps_values]
     return record, adversarial
-
-
-class CertificateViolation(RuntimeError):
-    """An attack broke a certified example: a bug in the certificate or in the attack."""
-
-
-def _certify_and_check(model, label: str, x, y, eps: float, survives: np.ndarray) -> dict[str, Any]:
-    """Certified accuracy at eps; fails loudly if any certified example did not survive every attack."""
-    start = time.perf_counter()
-    result = certify.certify(model, x, y, eps)
-    broken = np.flatnonzero(result.certified_ibp & ~survives)
-    if broken.size:
-        raise CertificateViolation(
-            f"{label}: {broken.size} examples certified at eps={eps} were broken by an attack "
-            f"(first indices {broken[:10].tolist()}); the certificate or the attack is wrong"
-        )
-    summary = result.summary()
-    summary["seconds"] = time.perf_counter() - start
-    summary["checked_against_attacks"] = True
-    logging.info("%s: certified accuracy at eps=%g: %s (%.1f s)", label, eps, summary["certified_accuracy"], summary["seconds"])
-    return summary
 
 
 def _settings(name: str, config: EvalConfig, eps: float) -> dict[str, Any]:

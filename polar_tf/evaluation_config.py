@@ -183,6 +183,8 @@ class AdaptiveConfig:
       square_p_init: its initial square size (fraction of the pixels).
       transfer_from: a .keras file or workdir whose PGD examples are evaluated on each model.
       check_examples: examples the eps_to_half and more_budget checks use (the first ones).
+      certify: also compute certified accuracy (a sound lower bound, `polar_tf.certify`) at eps,
+        and check per example that no certified image is broken by any attack of the suite.
     """
 
     dataset: str = choice("mnist", DATASETS)
@@ -201,6 +203,7 @@ class AdaptiveConfig:
     square_p_init: float = DEFAULT_P_INIT
     transfer_from: str | None = None
     check_examples: int = 1000
+    certify: bool = False
 
     def __post_init__(self):
         if self.dataset not in DATASETS:

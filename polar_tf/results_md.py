@@ -152,12 +152,20 @@ def adaptive_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     keys = list(dict.fromkeys(k for m in results["models"] for k in m["attacks"]))
-    lines += ["| model | clean | " + " | ".join(attack_title(k) for k in keys) + " | worst case |",
-              "|---" * (len(keys) + 3) + "|"]
+    certified = results["config"].get("certify", False)
+    if certified:
+        lines += ["Certified: a sound lower bound on robust accuracy (`polar_tf.certify`), checked per example "
+                  "against every attack of the suite.", ""]
+    lines += ["| model | clean | " + " | ".join(attack_title(k) for k in keys) + " | worst case |"
+              + (" certified |" if certified else ""),
+              "|---" * (len(keys) + 3 + certified) + "|"]
     for model in results["models"]:
         cells = [report.percent(model["clean_accuracy"])]
         cells += [report.percent(model["attacks"][k]["accuracy"]) if k in model["attacks"] else "-" for k in keys]
-        lines.append(f"| {model['label']} | " + " | ".join(cells) + f" | **{report.percent(model['worst_case_accuracy'])}** |")
+        cells.append(f"**{report.percent(model['worst_case_accuracy'])}**")
+        if certified:
+            cells.append(report.percent(certified_at(model, results["eps"])[1]))
+        lines.append(f"| {model['label']} | " + " | ".join(cells) + " |")
     for model in results["models"]:
         lines += ["", f"## {model['label']}", "", "| attack | accuracy (%) | fooled only by it | seconds | settings |",
                   "|---|---|---|---|---|"]

@@ -223,7 +223,7 @@ def wrong_shape_model(tmp_path_factory):
         (["--steps=0"], "steps must be a positive integer. Received: steps=0"),
         (["--restarts=-2"], "restarts must be a positive integer. Received: restarts=-2"),
         (["WRONG_SHAPE"], "maps (14, 14, 1) to (10,); expected images (28, 28, 1) to 10 logits"),
-        (["--suite=adaptive", "--certify", "--steps=3"], "--steps, --certify do not apply to --suite=adaptive (it runs "
+        (["--suite=adaptive", "--loss=cw", "--steps=3"], "--steps, --loss do not apply to --suite=adaptive (it runs "
                                                           "every attack; its PGD takes --pgd_steps and --pgd_restarts)"),
         (["--apgd_iterations=3"], "--apgd_iterations do not apply to --suite=standard (they are the adaptive suite's settings)"),
     ],

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from polar_tf import certify, evaluation, models, run_dir, training
+from polar_tf import adaptive, certify, evaluation, models, run_dir, training
 from polar_tf.config import Config
 
 
@@ -67,5 +67,34 @@ def test_a_certificate_broken_by_an_attack_fails_loudly(polarized_checkpoint, tm
         return type(result)(**{**result.__dict__, "certified_ibp": everything})
 
     monkeypatch.setattr(certify, "certify", overclaiming)
-    with pytest.raises(evaluation.CertificateViolation, match="were broken by an attack"):
+    with pytest.raises(certify.CertificateViolation, match="were broken by an attack"):
         _evaluate(polarized_checkpoint, tmp_path)
+
+
+def _adaptive(path, tmp_path):
+    config = adaptive.AdaptiveConfig(
+        dataset="mnist", eps=0.01, num_examples=50, backwards=("identity",), pgd_steps=5, pgd_restarts=1,
+        apgd_iterations=5, apgd_target_classes=2, square_queries=20, check_examples=50, certify=True,
+    )
+    return adaptive.evaluate_adaptive([path], config, output_dir=str(tmp_path))
+
+
+def test_the_adaptive_suite_checks_certificates_against_its_worst_case(polarized_checkpoint, tmp_path, monkeypatch):
+    (model,) = _adaptive(polarized_checkpoint, tmp_path)["models"]
+    (entry,) = model["certified"]
+    assert entry["eps"] == 0.01 and entry["checked_against_attacks"]
+    certified = entry["certified_accuracy"]["interval_from_frontend"]
+    # Exact: every certified example survived every attack of the suite, so it is robust in the worst case.
+    assert 0.2 < certified <= model["worst_case_accuracy"]
+    with open(os.path.join(tmp_path, "results.md")) as f:
+        assert "| worst case | certified |" in f.read()
+
+    real = certify.certify
+
+    def overclaiming(model, x, y, eps, **kwargs):
+        result = real(model, x, y, eps, **kwargs)
+        return type(result)(**{**result.__dict__, "certified_ibp": np.ones_like(result.certified_ibp)})
+
+    monkeypatch.setattr(certify, "certify", overclaiming)
+    with pytest.raises(certify.CertificateViolation, match="were broken by an attack"):
+        _adaptive(polarized_checkpoint, tmp_path / "again")
