@@ -79,42 +79,16 @@ def run_gradient_attack(name: str, model: keras.Model, x, y, eps: float, config:
     raise ValueError(f"attack must be one of {', '.join(GRADIENT_ATTACKS)}. Received: {name!r}")
 
 
-def evaluate_adaptive(
-    model_paths: Sequence[str],
-    config: AdaptiveConfig,
-    output_dir: str | None = None,
-    data_dir: str | None = None,
-    command: str | None = None,
-) -> dict[str, Any]:
-    """Runs the adaptive suite on each model; writes results.json and results.md.
-
-    A run interrupted (Ctrl-C) with the same models and settings is resumed: the models it finished,
-    kept in results.partial.json, are not attacked again.
-
-    Args:
-      model_paths: `.keras` files or training workdirs.
-      config: the settings.
-      output_dir: where the files go; None means `adaptive/` in `results_dir.default_output_dir` of
-        the first model.
-      data_dir: folder of IDX files (see `polar_tf.data.load`).
-      command: the command line as run, recorded in results.json.
-
-    Returns:
-      The content of results.json.
-    """
-    if not model_paths:
-        raise ValueError("--model_path is required: a .keras file or a training workdir")
+def evaluate_adaptive(model_paths: Sequence[str], config: AdaptiveConfig, output_dir: str | None = None,
+                      data_dir: str | None = None, command: str | None = None) -> dict[str, Any]:
+    """Runs the adaptive suite on each model; writes results.json and results.md, and returns the
+    former's content. Resumes as `evaluation.evaluate` does, whose arguments these are, except that
+    `output_dir` defaults to `adaptive/` in the first model's folder."""
     started = time.perf_counter()
-    paths = [run_dir.resolve_model_path(p) for p in model_paths]
-    loaded = [run_dir.load_model(p, compile=False) for p in paths]
-    source = None
-    if config.transfer_from:
-        source = run_dir.load_model(run_dir.resolve_model_path(config.transfer_from), compile=False)
+    paths, loaded = run_dir.load_models(model_paths)
+    source = run_dir.load_models([config.transfer_from])[1][0] if config.transfer_from else None
     output_dir = output_dir or os.path.join(results_dir.default_output_dir(paths[0]), "adaptive")
-    x, y = data.load(config.dataset, "test", data_dir)
-    if config.num_examples > len(x):
-        raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
-    x, y = x[: config.num_examples], y[: config.num_examples]
+    x, y = data.first_test_images(config.dataset, config.num_examples, data_dir)
     for path, model in zip([*paths, config.transfer_from], [*loaded, source]):
         if model is not None:
             report.check_model(model, path, x, y)

@@ -233,48 +233,21 @@ def pgd(
         )
 
 
-def bim(
-    model: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    eps: float,
-    step_size: float | None = None,
-    steps: int = DEFAULT_STEPS,
-    loss: str = "ce",
-    clip_min: float = 0.0,
-    clip_max: float = 1.0,
-    batch_size: int | None = None,
-) -> np.ndarray:
+def bim(model: keras.Model, x: np.ndarray, y: np.ndarray, **settings) -> np.ndarray:
     """The basic iterative method (Kurakin et al.): PGD from x itself, one restart.
 
-    Arguments as `pgd`. Returns the adversarial images.
+    Arguments as `pgd` (eps, step_size, steps, loss, clip_min, clip_max, batch_size). Returns the
+    adversarial images.
     """
-    return pgd(
-        model, x, y, eps=eps, step_size=step_size, steps=steps, restarts=1, random_start=False, loss=loss,
-        clip_min=clip_min, clip_max=clip_max, batch_size=batch_size, name="bim",
-    )
+    return pgd(model, x, y, restarts=1, random_start=False, name="bim", **settings)
 
 
-def fgsm(
-    model: keras.Model,
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    eps: float,
-    loss: str = "ce",
-    clip_min: float = 0.0,
-    clip_max: float = 1.0,
-    batch_size: int | None = None,
-) -> np.ndarray:
+def fgsm(model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: float, **settings) -> np.ndarray:
     """The fast gradient sign method (Goodfellow et al.): clip(x + eps * sign(grad), clip range).
 
-    Arguments as `pgd`. Returns the adversarial images.
+    Arguments as `pgd` (eps, loss, clip_min, clip_max, batch_size). Returns the adversarial images.
     """
-    return pgd(
-        model, x, y, eps=eps, step_size=eps, steps=1, restarts=1, random_start=False, loss=loss,
-        clip_min=clip_min, clip_max=clip_max, batch_size=batch_size, name="fgsm",
-    )
+    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, restarts=1, random_start=False, name="fgsm", **settings)
 
 
 def with_backward(model: keras.Model, backward: str, steepness: float | None = None) -> keras.Model:

@@ -66,6 +66,14 @@ def load(dataset: str, split: str, data_dir: str | None = None) -> tuple[np.ndar
     return _load_tfds(dataset, split)
 
 
+def first_test_images(dataset: str, num_examples: int, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first `num_examples` images of the test set and their labels: what an evaluation attacks."""
+    x, y = load(dataset, "test", data_dir)
+    if num_examples > len(x):
+        raise ValueError(f"num_examples must be <= {len(x)} (the {dataset} test set). Received: {num_examples}")
+    return x[:num_examples], y[:num_examples]
+
+
 def _load_idx_folder(dataset: str, split: str, folder: str, origin: str):
     if not os.path.isdir(folder):
         raise DataError(f"data directory {folder!r} (from {origin}) does not exist")

@@ -104,16 +104,10 @@ def evaluate(
     Returns:
       The content of results.json.
     """
-    if not model_paths:
-        raise ValueError("--model_path is required: a .keras file or a training workdir")
     started = time.perf_counter()
-    paths = [run_dir.resolve_model_path(p) for p in model_paths]
-    loaded = [run_dir.load_model(p, compile=False) for p in paths]  # All load before any attack.
+    paths, loaded = run_dir.load_models(model_paths)
     output_dir = output_dir or results_dir.default_output_dir(paths[0])
-    x, y = data.load(config.dataset, "test", data_dir)
-    if config.num_examples > len(x):
-        raise ValueError(f"num_examples must be <= {len(x)} (the {config.dataset} test set). Received: {config.num_examples}")
-    x, y = x[: config.num_examples], y[: config.num_examples]
+    x, y = data.first_test_images(config.dataset, config.num_examples, data_dir)
     for path, model in zip(paths, loaded):
         report.check_model(model, path, x, y)
         trained_on = model_dataset(path)

@@ -52,21 +52,22 @@ class Protocol:
       fashion_mnist_jump: the jump c of the Fashion-MNIST models.
     """
 
-    epochs_per_stage: int = 20
-    train_examples: int = 0
-    adv_epochs_per_stage: int = 20
-    adv_steps: int = 40
-    adv_warmup_epochs: int = 0
-    num_examples: int = 10000
+    # The paper's protocol: the configs' defaults, where they have the setting.
+    epochs_per_stage: int = Config.epochs_per_stage
+    train_examples: int = Config.train_examples
+    adv_epochs_per_stage: int = Config.epochs_per_stage
+    adv_steps: int = Config.adv_steps
+    adv_warmup_epochs: int = Config.adv_warmup_epochs
+    num_examples: int = EvalConfig.num_examples
     pgd_examples: int = 0  # PGD on the first N of num_examples; 0: all
-    steps: int = 100
-    restarts: int = 20
+    steps: int = EvalConfig.steps
+    restarts: int = EvalConfig.restarts
     sweep_examples: int = 1000
-    adaptive_examples: int = 10000
-    apgd_iterations: int = 100
+    adaptive_examples: int = AdaptiveConfig.num_examples
+    apgd_iterations: int = AdaptiveConfig.apgd_iterations
     square_queries: int = AdaptiveConfig.square_queries
-    seed: int = 0
-    steps_per_execution: int = 1
+    seed: int = Config.seed
+    steps_per_execution: int = Config.steps_per_execution
     classifier_init: str = Config.classifier_init
     adam_epsilon: float = Config.adam_epsilon
     fashion_mnist_jump: float = DEFAULT_JUMP["fashion_mnist"]

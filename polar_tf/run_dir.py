@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import zipfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -158,6 +158,15 @@ def load_model(path: str, compile: bool = True) -> keras.Model:
     except Exception as e:  # Keras raises many types for foreign or damaged archives.
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} could not be loaded: {first_line}") from None
+
+
+def load_models(model_paths: Sequence[str]) -> tuple[list[str], list[keras.Model]]:
+    """The `.keras` files that `model_paths` (files or training workdirs) name, and their models, all
+    loaded before anything runs on them."""
+    if not model_paths:
+        raise ValueError("--model_path is required: a .keras file or a training workdir")
+    paths = [resolve_model_path(p) for p in model_paths]
+    return paths, [load_model(p, compile=False) for p in paths]
 
 
 def read_config(workdir: str) -> Config:
