@@ -55,7 +55,7 @@ def rows_computed(spent: np.ndarray, queries: int, batch: int, compacted: bool) 
     """The rows the compiled calls computed, padding included, replayed from the queries spent.
 
     An example still attacked at iteration i (not fooled by an earlier one) spent more than
-    i + 2 queries; the calls follow the margins copied every `_SYNC_EVERY` iterations: compacted,
+    i + 2 queries; the calls follow the margins copied every `SYNC_EVERY` iterations: compacted,
     all examples in the calls `square.layout` gives for those still attacked; before, batch by
     batch, every row of a batch until none was left.
     """
@@ -69,7 +69,7 @@ def rows_computed(spent: np.ndarray, queries: int, batch: int, compacted: bool) 
 def _rows(spent: np.ndarray, queries: int, rows_for) -> int:
     rows = rows_for(spent.size)  # the stripes start
     for i in range(queries - 2):
-        if i % square._SYNC_EVERY == 0:
+        if i % square.SYNC_EVERY == 0:
             active = int(np.sum(spent - 2 > i))
             if active == 0:
                 break

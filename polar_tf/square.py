@@ -25,7 +25,7 @@ the batch size. (Whether a proposal is accepted compares two margins; at a near-
 rounding of another batch shape can decide it otherwise.)
 
 A query is a forward pass, and only the examples still attacked are computed: every
-`_SYNC_EVERY` iterations the fooled ones leave and the others are re-packed into fewer or
+`SYNC_EVERY` iterations the fooled ones leave and the others are re-packed into fewer or
 smaller calls, of a few shapes (`Run`, `layout`). On a defended model, where most examples fall
 in the first hundred queries and a few hold out to the budget, that is most of the work
 (BENCHMARKS.md, "Square attack"). That is why Square is not a per-batch kernel of the attack
@@ -51,7 +51,7 @@ DEFAULT_P_INIT = 0.8  # AutoAttack's for L-inf, and the Square authors' on MNIST
 # The reference's schedule: iteration (per 10,000) after which p is halved once more.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _UNCHANGED = 1e-7
-_SYNC_EVERY = 20  # iterations between copies of the margins to the host, where fooled examples leave
+SYNC_EVERY = 20  # iterations between copies of the margins to the host, where fooled examples leave
 
 
 def p_selection(p_init: float, iteration: int, iterations: int, rescale: bool = False) -> float:
@@ -210,7 +210,7 @@ class Run:
 
     All the examples advance together, each iteration in compiled calls of at most `batch_size`
     rows (`min(batch_size, len(x))`: fixed by the number of examples, not of those attacked).
-    Every `_SYNC_EVERY` iterations the margins are copied to the host and the examples fooled
+    Every `SYNC_EVERY` iterations the margins are copied to the host and the examples fooled
     leave: from then on the calls attack only the examples still active, in fewer or smaller
     calls (`layout`; they are re-packed only when that changes the calls' shapes, a fooled example
     left in a call keeps its state). Padding rows repeat a row of the call and mean nothing.
@@ -257,7 +257,7 @@ class Run:
             calls.append([positions, count, xb, yb, state])
             yield 0, rows[:count], state
         for i in range(self.queries_budget - 2):
-            if i % _SYNC_EVERY == 0:
+            if i % SYNC_EVERY == 0:
                 calls = self._sync(calls)
                 if not calls:
                     return

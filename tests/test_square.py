@@ -92,12 +92,12 @@ def _square_history(run, queries):
     return images, margins, spent, calls
 
 def test_square_computes_only_the_examples_still_attacked(trained_mlp, mnist_small):
-    """From each copy of the margins to the host (every _SYNC_EVERY iterations) on, the calls
+    """From each copy of the margins to the host (every SYNC_EVERY iterations) on, the calls
     hold every example not fooled then, in the shapes `layout` gives for as many: the forward
     passes computed come close to the queries used, far below the batch's rows times the
     iterations; the few shapes are traced once."""
     _, _, x, y = mnist_small
-    queries, every, batch = 150, square._SYNC_EVERY, 32
+    queries, every, batch = 150, square.SYNC_EVERY, 32
     todo = np.flatnonzero(models.predict_labels(trained_mlp, x) == y)
     compiled = square.compiled_square(trained_mlp)
     traces = compiled.traces
