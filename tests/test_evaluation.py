@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import check_tables
-from polar_tf import attacks, data, evaluation, models, plots, report, run_dir
+from polar_tf import attacks, data, evaluation, models, plots, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_examples=10, steps=2, restarts=2, batch_size=10)
-
-
-def test_model_paths(polarized_workdir):
-    checkpoint = os.path.join(polarized_workdir, "stage3.keras")
-    assert run_dir.resolve_model_path(polarized_workdir) == checkpoint
-    assert run_dir.resolve_model_path(checkpoint) == checkpoint
-    assert evaluation.model_dataset(checkpoint) == "mnist"
-    assert report.model_label(checkpoint) == "mnist_polarized/stage3"
-    with pytest.raises(run_dir.CheckpointError, match="does not exist"):
-        run_dir.resolve_model_path(os.path.join(polarized_workdir, "missing.keras"))
 
 
 def test_evaluate_writes_the_report_and_plots(polarized_workdir, tmp_path, monkeypatch):
@@ -103,6 +93,7 @@ def test_a_model_knows_its_dataset(polarized_workdir, tiny_model_path):
     shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
     assert evaluation.model_dataset(shipped) == "fashion_mnist"  # its .config.json beside it
     assert evaluation.model_dataset(polarized_workdir) == "mnist"  # its run's config.json
+    assert evaluation.model_dataset(os.path.join(polarized_workdir, "stage3.keras")) == "mnist"  # a checkpoint's too
     assert evaluation.model_dataset(tiny_model_path) is None
     assert evaluation.resolve_dataset([shipped]) == "fashion_mnist"
     assert evaluation.resolve_dataset([tiny_model_path]) == evaluation.DEFAULT_DATASET

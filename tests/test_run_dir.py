@@ -71,7 +71,12 @@ def test_filters_round_trip_by_epoch(tmp_path):
     assert run_dir.load_filters(str(tmp_path / "elsewhere")) == {}
 
 
-def test_a_missing_model_is_a_checkpoint_error(tmp_path):
+def test_a_model_path_is_a_keras_file_or_a_workdirs_final_checkpoint(tmp_path):
+    run_dir.write_config(str(tmp_path), Config(model="polarized"))
+    checkpoint = str(tmp_path / "stage3.keras")
+    assert run_dir.resolve_model_path(str(tmp_path)) == checkpoint
+    (tmp_path / "stage3.keras").write_bytes(b"")
+    assert run_dir.resolve_model_path(checkpoint) == checkpoint
     with pytest.raises(run_dir.CheckpointError, match="does not exist"):
         run_dir.resolve_model_path(str(tmp_path / "missing.keras"))
 
