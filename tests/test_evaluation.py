@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import check_tables
-from polar_tf import attacks, data, evaluation, models, plots, run_dir
+from polar_tf import attacks, backend, data, evaluation, models, plots, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_examples=10, steps=2, restarts=2, batch_size=10)
@@ -38,7 +38,7 @@ def test_evaluate_writes_the_report_and_plots(polarized_workdir, tmp_path, monke
     pgd = [r for r in model["runs"] if r["attack"] == "pgd" and r["eps"] == 0.3][0]
     assert (pgd["steps"], pgd["restarts"], pgd["random_start"]) == (2, 2, True)
     assert pgd["step_size"] == pytest.approx(0.03)
-    assert results["backend"] == keras.backend.backend() and results["device"]
+    assert (results["backend"], results["device"]) == (keras.backend.backend(), backend.device_description())
     table = (tmp_path / "results.md").read_text()
     assert "| model | clean | FGSM | BIM | PGD |" in table
     assert "| mnist_polarized/stage3 | " in table and "paper: polarizing front end" in table
