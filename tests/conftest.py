@@ -57,3 +57,58 @@ def trained_mlp(mnist_small):
 
     x_train, y_train, _, _ = mnist_small
     return small_models.train(small_models.mlp(0), x_train, y_train)
+
+
+@pytest.fixture(scope="session")
+def polarized_workdir(tmp_path_factory):
+    """A polarized-model workdir holding a small front-end model with random weights (25 filters,
+    a small jump so that gradients flow, a small classifier: quick to compile on JAX too)."""
+    import keras
+
+    from polar_tf import config, frontend, run_dir
+
+    folder = str(tmp_path_factory.mktemp("runs") / "mnist_polarized")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    z = frontend.PolarizingFrontEnd(filters=25, jump=0.05, saturate=True, name="frontend")(inputs)
+    hidden = keras.layers.Conv2D(4, 5, strides=2, activation="relu")(z)
+    model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden)))
+    run_dir.write_config(folder, config.Config(jump=0.05))
+    run_dir.save_model(model, os.path.join(folder, "stage3.keras"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """A small undefended CNN (random weights) as a .keras file: quick to compile in a subprocess."""
+    import keras
+
+    from polar_tf import run_dir
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        keras.layers.Conv2D(4, 5, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+    path = str(tmp_path_factory.mktemp("tiny") / "model.keras")
+    run_dir.save_model(model, path)
+    return path
+
+
+def check_tables(markdown: str) -> None:
+    """Every row of every table in `markdown` has as many cells as its header."""
+    tables, rows = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            tables.append(rows)
+            rows = []
+    assert tables
+    for header, separator, *body in tables:
+        width = len(header.strip("|").split("|"))
+        assert separator == "|---" * width + "|", header
+        for row in body:
+            assert len(row.strip("|").split("|")) == width, f"{row!r} under {header!r}"

@@ -1,64 +1,23 @@
-"""Tests of polar_tf.adaptive: the worst case, the checks' verdicts, transfer, the suite's attacks
-on an undefended model, the masking check on a masked one, and the CLI."""
+"""Tests of polar_tf.adaptive: transfer, the checks passing on an undefended model and flagging a
+masked one, and evaluate.py --suite=adaptive (the checks' verdicts on hand-built numbers are in
+test_masking_checks.py, APGD and Square alone in test_apgd.py and test_square.py)."""
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import keras
-import numpy as np
 import pytest
 
 import small_models
-from polar_tf import adaptive, apgd, attacks, masking_checks, models, results_md, run_dir, square
+from polar_tf import adaptive, attacks, models, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.3
 SMALL = dict(num_examples=100, pgd_steps=10, pgd_restarts=2, apgd_iterations=20, square_queries=300,
              check_examples=100)
 
-
-def test_worst_case_is_exact():
-    clean = np.array([1, 1, 1, 1, 0], bool)
-    under = {"a": np.array([1, 0, 1, 1, 1], bool), "b": np.array([1, 1, 0, 1, 1], bool),
-             "c": np.array([1, 1, 1, 1, 1], bool)}
-    np.testing.assert_array_equal(masking_checks.worst_case(clean, under), [1, 0, 0, 1, 0])
-    np.testing.assert_array_equal(masking_checks.worst_case(clean, {}), clean)
-
-def test_check_verdicts_on_hand_built_numbers():
-    assert masking_checks.check_eps_to_half({0.3: 0.7, 0.5: 0.0}, 1000)["status"] == "pass"
-    assert masking_checks.check_eps_to_half({0.3: 0.7, 0.5: 0.4}, 1000)["status"] == "warn"
-    assert masking_checks.check_more_budget(0.5, {"x2": 0.49}, 1000)["status"] == "pass"
-    assert masking_checks.check_more_budget(0.5, {"x2": 0.3}, 1000)["status"] == "warn"
-    square_correct = np.array([0] * 50 + [1] * 50, bool)
-    gradient = {"pgd": np.array([1] * 100, bool)}
-    check = masking_checks.check_gradient_free(square_correct, gradient)
-    assert check["status"] == "warn" and check["fooled_only_by_square"] == 50 and "masked" in check["verdict"]
-    assert masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct})["status"] == "pass"
-    # Square no stronger overall, but more queries kept fooling more examples: masked all the same.
-    rounds = [{"queries": 600, "attacked": 50, "newly_fooled": 3}, {"queries": 1200, "attacked": 47, "newly_fooled": 0}]
-    check = masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds)
-    assert check["status"] == "warn" and "3, 0 more examples fooled at 600, 1200 queries" in check["verdict"]
-    assert masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds[1:])["status"] == "pass"
-    assert masking_checks.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
-    assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
-    assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"
-
-@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t", "square"])
-def test_new_attacks_drive_an_undefended_model_to_near_zero(trained_mlp, mnist_small, name):
-    _, _, x, y = mnist_small
-    assert models.accuracy(trained_mlp, x, y) > 0.85
-    if name == "square":
-        x_adv = square.square(trained_mlp, x, y, eps=EPS, queries=300)
-    else:
-        loss = {"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "dlr-t"}[name]
-        x_adv = apgd.apgd(trained_mlp, x, y, eps=EPS, iterations=20, loss=loss, target_classes=2)
-    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
-    assert np.max(np.abs(x_adv.astype(np.float64) - x)) <= EPS + attacks.INVARIANT_TOLERANCE
-    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
-    assert models.accuracy(trained_mlp, x_adv, y) <= 0.05
 
 def test_transfer_from_another_model(trained_mlp, mnist_small):
     x_train, y_train, x, y = mnist_small
@@ -123,6 +82,3 @@ def test_cli_writes_the_report_with_its_reproducing_command(trained_mlp, tmp_pat
     assert "Sanity checks" in report
     assert ("**Reduced budgets, not the standard ones** (PGD 2 steps of 100; PGD 1 restarts of 20; APGD 3 iterations "
             "of 100; Square 20 queries of 5000)") in report
-    quick = dataclasses.replace(adaptive.AdaptiveConfig(), apgd_target_classes=3)
-    assert results_md.adaptive_reduced_budgets(dataclasses.asdict(quick)) == ["APGD-T 3 target classes of 9"]
-    assert results_md.adaptive_reduced_budgets(dataclasses.asdict(adaptive.AdaptiveConfig())) == []

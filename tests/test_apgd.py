@@ -5,7 +5,9 @@ import pytest
 from keras import ops
 
 import small_models
-from polar_tf import apgd, losses, models
+from polar_tf import apgd, attacks, losses, models
+
+EPS = 0.3
 
 
 def test_apgd_t_maximizes_the_targeted_loss_towards_the_runner_up(trained_mlp, mnist_small):
@@ -46,3 +48,14 @@ def test_eps_zero_returns_x_and_apgd_traces_once(trained_mlp, mnist_small):
     assert compiled.traces == 2
     with pytest.raises(ValueError, match="loss"):
         apgd.apgd(model, x, y, eps=0.1, loss="cw")
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr", "dlr-t"])
+def test_apgd_drives_an_undefended_model_to_near_zero(trained_mlp, mnist_small, loss):
+    _, _, x, y = mnist_small
+    assert models.accuracy(trained_mlp, x, y) > 0.85
+    x_adv = apgd.apgd(trained_mlp, x, y, eps=EPS, iterations=20, loss=loss, target_classes=2)
+    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
+    assert np.max(np.abs(x_adv.astype(np.float64) - x)) <= EPS + attacks.INVARIANT_TOLERANCE
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert models.accuracy(trained_mlp, x_adv, y) <= 0.05

@@ -8,7 +8,7 @@ from absl import flags
 
 from polar_tf import cli, report, suites
 from polar_tf.config import Config
-from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig, format_eps_sweep, parse_eps_sweep
+from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig, parse_eps_sweep
 from polar_tf.reproduction_protocol import Protocol
 
 CONFIGS = (Config, EvalConfig, AdaptiveConfig, Protocol)
@@ -105,18 +105,3 @@ def test_reproduction_protocol_flags_parse_back_and_take_other_defaults():
     assert cli.config_from_flags(Protocol, gpu) == Protocol(steps_per_execution=32)
 
 
-def test_eps_sweep_text_round_trips_as_a_grid_or_a_list():
-    sweep = parse_eps_sweep("0:0.4:0.02")
-    assert len(sweep) == 21 and sweep[-1] == 0.4
-    assert format_eps_sweep(sweep) == "0.0:0.4:0.02"
-    assert parse_eps_sweep(format_eps_sweep((0.05, 0.3))) == (0.05, 0.3)
-    assert parse_eps_sweep("0.1") == (0.1,)
-    with pytest.raises(ValueError, match="start:stop:step or values separated by commas"):
-        parse_eps_sweep("a,b")
-
-
-def test_flags_of_the_other_suite_are_refused_and_quick_fills_only_what_is_not_given():
-    with pytest.raises(ValueError, match="--pgd_steps do not apply to --suite=standard"):
-        suites.suite_config("standard", [], {"dataset": "mnist", "pgd_steps": 3})
-    config = suites.suite_config("adaptive", [], {"dataset": "mnist", "pgd_restarts": 5}, quick=True)
-    assert (config.pgd_restarts, config.pgd_steps, config.num_examples) == (5, 20, 100)

@@ -12,6 +12,11 @@ def test_percent_and_unique_labels():
     assert report.unique_labels(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
 
 
+def test_a_models_label_is_its_folder_and_file_name():
+    assert report.model_label("runs/mnist_polarized/stage3.keras") == "mnist_polarized/stage3"
+    assert report.model_label("/m.keras") == "m"
+
+
 def test_versions_name_keras_and_the_backend():
     found = report.versions()
     assert found["keras"] == keras.__version__

@@ -71,6 +71,27 @@ def test_filters_round_trip_by_epoch(tmp_path):
     assert run_dir.load_filters(str(tmp_path / "elsewhere")) == {}
 
 
-def test_a_missing_model_is_a_checkpoint_error(tmp_path):
+def test_a_model_path_is_a_keras_file_or_a_workdirs_final_checkpoint(tmp_path):
+    run_dir.write_config(str(tmp_path), Config(model="polarized"))
+    checkpoint = str(tmp_path / "stage3.keras")
+    assert run_dir.resolve_model_path(str(tmp_path)) == checkpoint
+    (tmp_path / "stage3.keras").write_bytes(b"")
+    assert run_dir.resolve_model_path(checkpoint) == checkpoint
     with pytest.raises(run_dir.CheckpointError, match="does not exist"):
         run_dir.resolve_model_path(str(tmp_path / "missing.keras"))
+
+
+def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_the_protocols(tmp_path):
+    config = Config(dataset="mnist", model="polarized", epochs_per_stage=1, train_examples=128)
+    pretrained, root = tmp_path / "pretrained", tmp_path / "runs"
+    stem = str(pretrained / "mnist_polarized")
+    run_dir.write_json(stem + ".config.json", config.to_dict())
+    run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1, "epoch_seconds": 2.5, "test_accuracy": 0.5})
+    (pretrained / "mnist_polarized.keras").write_bytes(b"")
+    workdir = str(root / "mnist_polarized")
+    assert run_dir.shipped_model(str(pretrained), config, workdir) == stem + ".keras"
+    assert run_dir.shipped_model(str(pretrained), config.replace(seed=1), workdir) is None  # trained otherwise
+    assert run_dir.shipped_model(None, config, workdir) is None
+    assert run_dir.shipped_model(str(pretrained), config.replace(model="baseline"), str(root / "mnist_baseline")) is None
+    run_dir.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
+    assert run_dir.shipped_model(str(pretrained), config, workdir) is None

@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import losses, models, square
+from polar_tf import attacks, losses, models, square
 
 
 def test_square_schedule():
@@ -161,3 +161,13 @@ def test_eps_zero_returns_x_and_too_few_queries_are_refused(trained_mlp, mnist_s
     np.testing.assert_array_equal(square.square(trained_mlp, x, y, eps=0.0, queries=10), x)
     with pytest.raises(ValueError, match="queries"):
         square.square(trained_mlp, x, y, eps=0.1, queries=1)
+
+
+def test_square_drives_an_undefended_model_to_near_zero(trained_mlp, mnist_small):
+    _, _, x, y = mnist_small
+    assert models.accuracy(trained_mlp, x, y) > 0.85
+    x_adv = square.square(trained_mlp, x, y, eps=0.3, queries=300)
+    assert x_adv.dtype == np.float32 and x_adv.shape == x.shape
+    assert np.max(np.abs(x_adv.astype(np.float64) - x)) <= 0.3 + attacks.INVARIANT_TOLERANCE
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    assert models.accuracy(trained_mlp, x_adv, y) <= 0.05

@@ -44,7 +44,9 @@ def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
     ]
     for r in records:
         assert {"loss", "reg_loss", "train_accuracy", "test_accuracy", "b1_mean", "b2_mean"} <= set(r)
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and np.isfinite(r["loss"])
+        # A fraction of the 200 test images (the last one is checked against the model below).
+        assert r["test_accuracy"] * 200 == pytest.approx(round(r["test_accuracy"] * 200), abs=1e-4)
+        assert np.isfinite(r["loss"])
         assert 0.04 <= r["filter_concentration"] <= 1.0 and len(r["filter_concentrations"]) == 25
     # The front end's kernel as initialised and after every epoch; frozen in stage 3.
     kernels = run_dir.load_filters(smoke_run)
@@ -52,11 +54,9 @@ def test_smoke_run_writes_checkpoints_config_metrics_and_plots(smoke_run):
     stage3 = run_dir.load_model(os.path.join(smoke_run, "stage3.keras"))
     np.testing.assert_array_equal(kernels[3], ops.convert_to_numpy(models.get_frontend(stage3).kernel))
     assert not np.array_equal(kernels[0], kernels[1])
-    for stage in (1, 2, 3):
-        for kind in ("filters", "histogram"):
-            path = os.path.join(smoke_run, "plots", f"stage{stage}_{kind}.png")
-            with open(path, "rb") as f:
-                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(os.path.join(smoke_run, "plots"))) == [
+        f"stage{stage}_{kind}.png" for stage in (1, 2, 3) for kind in ("filters", "histogram")
+    ]
 
 
 def test_final_model_saturates_and_matches_recorded_accuracy(smoke_run, mnist_subset_dir):

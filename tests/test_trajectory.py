@@ -96,8 +96,8 @@ def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
     assert "| run | 0.3 | uniform_fan_in | 1e-08 | 0 | 1 | - | - | - | - | 1.00 | - | - | - | 5 | - |" in table
     assert "| original (published trajectory) | 0.3 | - | - | - | - |" in table
     assert f"Written by `{written['command']}`" in table
-    for name in ("trajectory.png", "trajectory_filters.png"):
-        assert os.path.getsize(workdir / "plots" / name) > 0
+    assert sorted(os.listdir(workdir / "plots")) == ["trajectory.json", "trajectory.md", "trajectory.png",
+                                                    "trajectory_filters.png"]
     missing = subprocess.run([sys.executable, "-m", "polar_tf.trajectory", f"--workdir={tmp_path}"],
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr

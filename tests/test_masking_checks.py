@@ -1,0 +1,33 @@
+"""Tests of polar_tf.masking_checks: the worst case and the verdicts of the checks, on hand-built numbers."""
+
+import numpy as np
+
+from polar_tf import masking_checks
+
+
+def test_worst_case_is_exact():
+    clean = np.array([1, 1, 1, 1, 0], bool)
+    under = {"a": np.array([1, 0, 1, 1, 1], bool), "b": np.array([1, 1, 0, 1, 1], bool),
+             "c": np.array([1, 1, 1, 1, 1], bool)}
+    np.testing.assert_array_equal(masking_checks.worst_case(clean, under), [1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(masking_checks.worst_case(clean, {}), clean)
+
+
+def test_check_verdicts_on_hand_built_numbers():
+    assert masking_checks.check_eps_to_half({0.3: 0.7, 0.5: 0.0}, 1000)["status"] == "pass"
+    assert masking_checks.check_eps_to_half({0.3: 0.7, 0.5: 0.4}, 1000)["status"] == "warn"
+    assert masking_checks.check_more_budget(0.5, {"x2": 0.49}, 1000)["status"] == "pass"
+    assert masking_checks.check_more_budget(0.5, {"x2": 0.3}, 1000)["status"] == "warn"
+    square_correct = np.array([0] * 50 + [1] * 50, bool)
+    gradient = {"pgd": np.array([1] * 100, bool)}
+    check = masking_checks.check_gradient_free(square_correct, gradient)
+    assert check["status"] == "warn" and check["fooled_only_by_square"] == 50 and "masked" in check["verdict"]
+    assert masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct})["status"] == "pass"
+    # Square no stronger overall, but more queries kept fooling more examples: masked all the same.
+    rounds = [{"queries": 600, "attacked": 50, "newly_fooled": 3}, {"queries": 1200, "attacked": 47, "newly_fooled": 0}]
+    check = masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds)
+    assert check["status"] == "warn" and "3, 0 more examples fooled at 600, 1200 queries" in check["verdict"]
+    assert masking_checks.check_gradient_free(gradient["pgd"], {"pgd": square_correct}, rounds[1:])["status"] == "pass"
+    assert masking_checks.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
+    assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
+    assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"

@@ -1,0 +1,26 @@
+"""Tests of polar_tf.reproduction_results: what a reproduction's files say, read back for its report."""
+
+import pytest
+
+from polar_tf import reproduction_results, run_dir
+from polar_tf.config import Config
+
+
+def test_stage2_trend_is_the_mean_per_epoch_change_over_the_last_epochs_of_stage_2():
+    records = [{"stage": 1, "frac_within_eps_of_jump": 0.5}]
+    records += [{"stage": 2, "frac_within_eps_of_jump": f} for f in (0.30, 0.20, 0.16, 0.12, 0.10, 0.08)]
+    records += [{"stage": 3, "frac_within_eps_of_jump": 0.08}]
+    assert reproduction_results.stage2_trend(records) == pytest.approx((0.08 - 0.20) / 4)
+    assert reproduction_results.stage2_trend([{"stage": 1, "loss": 0.1}]) is None  # a model without a front end
+
+
+def test_how_a_shipped_model_was_trained_is_read_from_the_files_beside_it(tmp_path):
+    config = Config(dataset="mnist", model="polarized", epochs_per_stage=1, train_examples=128)
+    stem = str(tmp_path / "pretrained" / "mnist_polarized")
+    run_dir.write_json(stem + ".config.json", config.to_dict())
+    run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1, "epoch_seconds": 2.5, "test_accuracy": 0.5})
+    workdir = str(tmp_path / "runs" / "mnist_polarized")
+    summary = reproduction_results.training_summary(stem + ".keras", workdir, str(tmp_path / "results"))
+    assert (summary["seed"], summary["epochs"], summary["train_seconds"], summary["figures"]) == (0, 1, 2.5, [])
+    assert summary["command"] == ("python train.py --dataset=mnist --model=polarized --epochs_per_stage=1 "
+                                  f"--train_examples=128 --workdir={workdir}")

@@ -1,0 +1,96 @@
+"""Tests of polar_tf.results_dir: where results go, which finished results are taken over, what an interrupt keeps."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+
+from polar_tf import adaptive, evaluation, report, results_dir, run_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(num_examples=10, steps=2, restarts=2, batch_size=10)
+
+
+def test_default_output_dir_is_never_a_tracked_folder(polarized_workdir):
+    shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
+    assert results_dir.default_output_dir(shipped) == os.path.join("runs", "evaluate", "fashion_mnist_polarized")
+    assert results_dir.default_output_dir(polarized_workdir) == polarized_workdir  # beside the model, in its run folder
+
+
+def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(tmp_path, polarized_workdir, tiny_model_path):
+    config = evaluation.EvalConfig(attacks=("fgsm",), **SMALL)
+    paths = [tiny_model_path, polarized_workdir]
+    complete = evaluation.evaluate(paths, config, str(tmp_path))
+    # What Ctrl-C during the second model leaves: the first model's record (marked, to be recognized).
+    first = {**complete["models"][0], "clean_accuracy": -1.0}
+    partial = {**complete, "models": [first], "plots": ["model_adversarial_examples.png"], "total_seconds": 100.0,
+               "interrupted": True}
+    os.remove(tmp_path / "results.json")
+    run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), partial)
+    resumed = evaluation.evaluate(paths, config, str(tmp_path))
+    assert resumed["models"][0] == first  # taken over, not evaluated again
+    assert resumed["models"][1]["accuracy"] == complete["models"][1]["accuracy"]  # same model, batches and seed
+    assert resumed["total_seconds"] > 100.0 and resumed["plots"][:2] == ["accuracy_vs_eps.png", "model_adversarial_examples.png"]
+    assert not (tmp_path / results_dir.PARTIAL_RESULTS).exists()  # superseded by results.json
+    # A partial run of other settings, or of other models, is not taken over.
+    run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), partial)
+    assert results_dir.finished_results(str(tmp_path), paths, config, partial=True)["models"] == [first]
+    for other in (dict(partial, config={**partial["config"], "steps": 3}),
+                  dict(partial, models=[{**first, "path": os.path.abspath(polarized_workdir)}])):
+        run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), other)
+        assert results_dir.finished_results(str(tmp_path), paths, config, partial=True) is None
+
+
+def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
+    """Results written in a checkout elsewhere (a GPU machine's) match the same models here."""
+    config = evaluation.EvalConfig(dataset="mnist", num_examples=20)
+    output_dir = str(tmp_path / "results" / "full_protocol" / "mnist_table")
+    written = {"config": dataclasses.asdict(config), "output_dir": "/device/checkout/results/full_protocol/mnist_table",
+               "models": [{"path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"}]}
+    run_dir.write_json(os.path.join(output_dir, "results.json"), written)
+    here = str(tmp_path / "pretrained" / "full_protocol" / "mnist_baseline.keras")
+    assert results_dir.finished_results(output_dir, [here], config)["models"] == written["models"]
+    assert results_dir.finished_results(output_dir, [str(tmp_path / "pretrained" / "mnist_baseline.keras")], config) is None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(config, num_examples=10)) is None
+    assert results_dir.finished_results(output_dir, [here], config, partial=True) is None  # no partial results there
+    # Written before pgd_examples existed: PGD ran on every image, which is what None asks for.
+    del written["config"]["pgd_examples"]
+    run_dir.write_json(os.path.join(output_dir, "results.json"), written)
+    assert results_dir.finished_results(output_dir, [here], config) is not None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(config, pgd_examples=10)) is None
+    # The adaptive suite's transfer source likewise, though its config holds it as given (here: relative).
+    suite = adaptive.AdaptiveConfig(dataset="mnist", transfer_from="pretrained/full_protocol/mnist_baseline.keras")
+    run_dir.write_json(os.path.join(output_dir, "results.json"), {
+        **written, "config": dataclasses.asdict(suite),
+        "transfer_from_path": "/device/checkout/pretrained/full_protocol/mnist_baseline.keras"})
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
+    other = str(tmp_path / "pretrained" / "full_protocol" / "mnist_adversarial.keras")
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=other)) is None
+
+
+def test_a_model_replaced_at_the_same_path_is_evaluated_again(tmp_path, tiny_model_path):
+    path = str(tmp_path / "model.keras")
+    shutil.copyfile(tiny_model_path, path)
+    config = evaluation.EvalConfig(attacks=("fgsm",), **SMALL)
+    results = evaluation.evaluate([path], config, output_dir=str(tmp_path / "out"))
+    assert results["models"][0]["sha256"] == report.fingerprint(path)
+    assert results_dir.finished_results(str(tmp_path / "out"), [path], config) is not None
+    other = run_dir.load_model(path)
+    other.set_weights([w + 1.0 for w in other.get_weights()])
+    run_dir.save_model(other, path)
+    assert results_dir.finished_results(str(tmp_path / "out"), [path], config) is None
+
+
+def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):
+    (tmp_path / "results.json").write_text('{"complete": true}')
+    results = {"models": [{"label": "a", "accuracy": {"fgsm": 0.5}}]}
+    runs = [{"attack": "fgsm", "eps": 0.3, "accuracy": 0.25}]
+    with pytest.raises(KeyboardInterrupt, match="results.partial.json"):
+        with results_dir.keep_on_interrupt(str(tmp_path), results, {"label": "b", "runs": runs}):
+            raise KeyboardInterrupt
+    partial = json.loads((tmp_path / results_dir.PARTIAL_RESULTS).read_text())
+    assert partial["interrupted"] and partial["models"] == results["models"]
+    assert partial["unfinished_model"] == {"label": "b", "runs": runs}
+    assert json.loads((tmp_path / "results.json").read_text()) == {"complete": True}
