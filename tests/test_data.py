@@ -1,5 +1,4 @@
 import errno
-import gzip
 import os
 import socket
 import subprocess

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import float_paths
-from polar_tf import data, models, reproduce, reproduction_protocol, run_dir
+from polar_tf import data, models, reproduction_protocol, run_dir
 from polar_tf.config import DATASETS, Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from polar_tf import monitoring, run_dir, trajectory
+from polar_tf import run_dir, trajectory
 from polar_tf.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
