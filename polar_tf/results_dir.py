@@ -72,9 +72,9 @@ def finished_results(output_dir: str, paths: Sequence[str], config, partial: boo
     return results
 
 
-# Settings of EvalConfig added after results files were written, with the value that reproduces what
-# those runs did (PGD on every image).
-LEGACY_CONFIG_VALUES = {"pgd_examples": None}
+# Settings added after results files were written, with the value that reproduces what those runs
+# did: EvalConfig's PGD on every image, AdaptiveConfig's suite without certificates.
+LEGACY_CONFIG_VALUES = {"pgd_examples": None, "certify": False}
 
 
 def _model_file(path: str) -> str:

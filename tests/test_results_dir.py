@@ -68,6 +68,11 @@ def test_finished_results_match_models_relative_to_the_results_folder(tmp_path):
     assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=here)) is not None
     other = str(tmp_path / "pretrained" / "full_protocol" / "mnist_adversarial.keras")
     assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, transfer_from=other)) is None
+    # Written before the adaptive suite could certify: a run without certificates.
+    legacy = {key: value for key, value in dataclasses.asdict(suite).items() if key != "certify"}
+    run_dir.write_json(os.path.join(output_dir, "results.json"), {**written, "config": legacy})
+    assert results_dir.finished_results(output_dir, [here], suite) is not None
+    assert results_dir.finished_results(output_dir, [here], dataclasses.replace(suite, certify=True)) is None
 
 
 def test_a_model_replaced_at_the_same_path_is_evaluated_again(tmp_path, tiny_model_path):
