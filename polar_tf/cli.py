@@ -218,12 +218,19 @@ def run_main(program: str, body: Callable[[], None]) -> None:
 
     Bad values, missing or damaged files and a diverging loss exit 1 with `<program>: error: ...`;
     Ctrl-C exits 130 (128 + SIGINT, as a shell reports it) with `<program>: interrupted`, followed
-    by what was kept if the interrupted code says so. What `body` wrote before is kept: files are
-    written atomically. Attacks show their progress bars (`polar_tf.progress`).
+    by what was kept if the interrupted code says so. SIGTERM (`kill`, a scheduler preempting the
+    job; a job started with `&` ignores SIGINT) is an interrupt too, and exits 143 (128 + SIGTERM).
+    What `body` wrote before is kept: files are written atomically. Attacks show their progress
+    bars (`polar_tf.progress`).
     """
     from polar_tf import progress  # Here, not at the top: it imports Keras.
 
     interrupted = False
+    received = [signal.SIGINT]  # the signal of the interrupt, sent again if Python drops it
+
+    def terminate(signum, frame) -> None:
+        received[0] = signal.SIGTERM
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
 
     def unraisable(info) -> None:
         # Python drops an exception raised in a __del__ or a weakref callback ("Exception ignored
@@ -233,12 +240,13 @@ def run_main(program: str, body: Callable[[], None]) -> None:
         if interrupted:
             return
         if issubclass(info.exc_type, KeyboardInterrupt):
-            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            threading.Timer(0.05, os.kill, (os.getpid(), received[0])).start()
         else:
             previous(info)
 
     progress.enable()
     previous, sys.unraisablehook = sys.unraisablehook, unraisable
+    previous_term = signal.signal(signal.SIGTERM, terminate)
     try:
         body()
     except (ValueError, OSError, ArithmeticError) as e:
@@ -246,10 +254,11 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     except KeyboardInterrupt as e:
         interrupted = True
         print(f"{program}: interrupted" + (f"; {one_line(e)}" if str(e) else ""), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + received[0])
     finally:
         if not interrupted:  # After Ctrl-C the hook stays for the exit.
             sys.unraisablehook = previous
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def one_line(error: Exception) -> str:

@@ -70,26 +70,27 @@ def test_cli_takes_the_dataset_from_a_shipped_model_and_refuses_another(tmp_path
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent CLI glue")
-def test_ctrl_c_stops_an_evaluation_within_seconds_keeping_the_finished_attacks(tmp_path):
+# Ctrl-C at a terminal (SIGINT at its default), and SIGTERM to a job started in the background
+# (`cmd &`), which ignores SIGINT: Python then never raises KeyboardInterrupt for it.
+@pytest.mark.parametrize("signum, sigint", [(signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_IGN)])
+def test_ctrl_c_stops_an_evaluation_within_seconds_keeping_the_finished_attacks(tmp_path, signum, sigint):
     shipped = os.path.join(ROOT, "pretrained", "mnist_polarized.keras")
     (tmp_path / "results.json").write_text('{"earlier": true}')
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--model_path={shipped}", "--attacks=fgsm,pgd",
          "--num_examples=500", f"--output_dir={tmp_path}"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # A runner started in the background (`cmd &`) ignores SIGINT, and its children inherit that:
-        # Python would then never raise KeyboardInterrupt. Ctrl-C at a terminal finds SIGINT's default.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )
     for line in process.stdout:  # The progress bars' titles: FGSM has finished when PGD starts.
         if line.startswith("pgd eps=0.3"):
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     sent = time.monotonic()
     _, stderr = process.communicate(timeout=120)
     # PGD runs in compiled calls of a few seconds on the CPU; generous for a loaded machine.
     assert time.monotonic() - sent < 60
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert process.returncode == 128 + signum and "Traceback" not in stderr, stderr[-2000:]
     partial_path = tmp_path / results_dir.PARTIAL_RESULTS
     assert stderr.splitlines()[-1] == f"evaluate.py: interrupted; finished attacks kept in {partial_path}"
     partial = json.loads(partial_path.read_text())
