@@ -259,6 +259,7 @@ def certified_markdown(runs: dict, base: str) -> str:
 
 
 def _source_line(source: dict, base: str) -> str:
-    return (f"- `{source['command']}` ({source['num_examples']} test images, budgets {results_md.budget_note(source)}, "
+    images = f"{source['num_examples']} test images{results_md.pgd_note(source['config'], source['num_examples'])}"
+    return (f"- `{source['command']}` ({images}, budgets {results_md.budget_note(source)}, "
             f"{source['total_seconds']:.0f} s; backend {source['backend']}, device {source['device']}; "
             f"{os.path.relpath(os.path.join(source['output_dir'], 'results.md'), base)})")

@@ -51,7 +51,7 @@ def standard_markdown(results: dict[str, Any]) -> str:
         *([f"**Reduced budgets, not the paper's protocol** ({'; '.join(reduced)}): the robust accuracies are "
            "looser upper bounds than the paper's protocol gives.", ""] if reduced else []),
         "Accuracy (%) of the saturated model on the first "
-        f"{results['num_examples']} test images{_pgd_note(config, results['num_examples'])}, L-inf attacks, pixels in [0, 1]."
+        f"{results['num_examples']} test images{pgd_note(config, results['num_examples'])}, L-inf attacks, pixels in [0, 1]."
         + (" Certified: a sound lower bound on robust accuracy (interval bound propagation from"
            " the saturating first layer, else from the input box), checked per example against"
            " every attack." if certified else ""),
@@ -101,7 +101,8 @@ def standard_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pgd_note(config: dict[str, Any], num_examples: int) -> str:
+def pgd_note(config: dict[str, Any], num_examples: int) -> str:
+    """" (PGD: the first N)" where PGD attacked fewer images than the others, else ""."""
     n = pgd_subset(config, num_examples)
     return f" (PGD: the first {n})" if n else ""
 
@@ -109,7 +110,7 @@ def _pgd_note(config: dict[str, Any], num_examples: int) -> str:
 def pgd_subset(config: dict[str, Any], num_examples: int) -> int | None:
     """How many images PGD attacked where that is fewer than the others' `num_examples`, else None."""
     n = config.get("pgd_examples")
-    return n if n and n < num_examples and "pgd" in config["attacks"] else None
+    return n if n and n < num_examples and "pgd" in config.get("attacks", ()) else None
 
 
 def _loss_text(loss: str) -> str:

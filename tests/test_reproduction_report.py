@@ -60,7 +60,7 @@ def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_re
               "device": "CPU"}
     certified = [{"eps": 0.3, "certified_accuracy": {"frontend": 0.2, "interval_from_frontend": 0.875}}]
     table = {**common, "command": "python evaluate.py --certify", "output_dir": str(tmp_path / "table"),
-             "config": dataclasses.asdict(evaluation.EvalConfig(certify=True)),
+             "config": dataclasses.asdict(evaluation.EvalConfig(certify=True, pgd_examples=100)),
              "models": [{"path": runs["ibp"], "label": "ibp/stage3", "clean_accuracy": 0.98,
                          "accuracy": {"fgsm": 0.95, "bim": 0.93, "pgd": 0.92}, "certified": certified},
                         {"path": runs["plain"], "label": "plain/stage3", "clean_accuracy": 0.99,
@@ -77,7 +77,8 @@ def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_re
     assert ("| mnist | 0.3 | ibp/stage3 | IBP, stage 3: eps 0 to 0.3 and kappa 1 to 0.5 over 5 epochs | 60 | 98.00 | 92.00 "
             "| 90.00 | 87.50 |") in rows
     assert "| mnist | 0.3 | plain/stage3 | the paper's schedule | 60 | 99.00 | 75.00 | - | 0.00 |" in rows
-    assert "- `python evaluate.py --certify` (1000 test images, budgets the paper's, 60 s;" in text
+    assert "- `python evaluate.py --certify` (1000 test images (PGD: the first 100), budgets the paper's, 60 s;" in text
+    assert "- `python evaluate.py --suite=adaptive` (1000 test images, budgets AutoAttack's, 60 s;" in text
     assert reproduction_report.certified_markdown(reproduction_results.further_runs(()), str(tmp_path)) == ""
     readme = tmp_path / "README.md"
     start, end = reproduction_report.CERTIFIED_README_MARKERS
