@@ -256,9 +256,9 @@ def run_main(program: str, body: Callable[[], None]) -> None:
         print(f"{program}: interrupted" + (f"; {one_line(e)}" if str(e) else ""), file=sys.stderr)
         sys.exit(128 + received[0])
     finally:
+        signal.signal(signal.SIGTERM, previous_term)
         if not interrupted:  # After Ctrl-C the hook stays for the exit.
             sys.unraisablehook = previous
-            signal.signal(signal.SIGTERM, previous_term)
 
 
 def one_line(error: Exception) -> str:
