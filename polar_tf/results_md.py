@@ -102,7 +102,7 @@ def standard_markdown(results: dict[str, Any]) -> str:
 
 
 def pgd_note(config: dict[str, Any], num_examples: int) -> str:
-    """" (PGD: the first N)" where PGD attacked fewer images than the others, else ""."""
+    """The note ' (PGD: the first N)' where PGD attacked fewer images than the others, else ''."""
     n = pgd_subset(config, num_examples)
     return f" (PGD: the first {n})" if n else ""
 
