@@ -275,7 +275,7 @@ def apgd(
     if n == 0 or eps == 0:
         return x.copy()
     compiled = compiled_apgd(model, loss, clip_min, clip_max)
-    with driver.evaluated(model):
+    with models.as_evaluated(model):
         logits = models.predict_logits(model, x, batch_size)
         ranked = np.argsort(-logits, axis=1, kind="stable")
         if targeted and ranked.shape[1] < max(target_classes + 1, 4):

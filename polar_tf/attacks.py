@@ -43,7 +43,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from polar_tf import backend, driver, losses
+from polar_tf import backend, driver, losses, models
 from polar_tf.config import BACKWARDS, check_choice
 # Public names of this module that live in the driver, kept for their callers.
 from polar_tf.driver import INVARIANT_TOLERANCE, AttackInvariantError, check_adversarial  # noqa: F401
@@ -225,7 +225,7 @@ def pgd(
     batch_size = driver.check_batch_size(batch_size)
     attack = compiled_attack(model, loss, clip_min, clip_max)
     title = f"{name} eps={eps:g}: {len(x)} examples" + (f" x {restarts} restarts" if restarts > 1 else "")
-    with driver.evaluated(model):
+    with models.as_evaluated(model):
         return driver.run(
             attack.kernel(eps, step_size, steps), x, y, [driver.Run(r) for r in range(restarts)], eps=eps,
             clip_min=clip_min, clip_max=clip_max, seed=seed, random_start=random_start, batch_size=batch_size,

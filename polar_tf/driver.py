@@ -25,19 +25,17 @@ iterations and the rest are re-packed into a few shapes, which per-batch kernels
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import time
 import weakref
-from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import keras
 import numpy as np
 from absl import logging
 
 from polar_tf import backend, progress
-from polar_tf.models import as_evaluated
 
 INVARIANT_TOLERANCE = 1e-6
 BLOCK = 256  # examples per random generator (see `per_example`)
@@ -198,13 +196,6 @@ def per_model(model: keras.Model, compiled_class: type, *args):
     return cache[key]
 
 
-@contextlib.contextmanager
-def evaluated(model: keras.Model) -> Iterator[None]:
-    """The model as it is evaluated (its saturation on) for the block, restored after."""
-    with as_evaluated(model):
-        yield
-
-
 def run(
     kernel: Kernel,
     x: np.ndarray,
@@ -223,7 +214,7 @@ def run(
 ) -> np.ndarray:
     """Runs `kernel` over x in batches, run after run; returns per example the best result.
 
-    Call it with the saturation on (`evaluated`) and checked inputs (`check_data`, ...).
+    Call it with the saturation on (`models.as_evaluated`) and checked inputs (`check_data`, ...).
 
     Args:
       kernel: attacks one padded batch once (`Kernel`).

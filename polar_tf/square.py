@@ -174,7 +174,7 @@ def square(
     x_adv = x.copy()
     spent = np.ones(n, dtype=np.int64)  # the clean query
     started = time.perf_counter()
-    with driver.evaluated(model):
+    with models.as_evaluated(model):
         correct = models.predict_labels(model, x, max(min(batch_size, n), 1)) == y if n else np.zeros(0, bool)
         todo = np.flatnonzero(correct) if eps > 0 else np.zeros(0, np.int64)
         bar = progress.bar(f"square eps={eps:g}: {todo.size} examples, {queries} queries each", todo.size, "example")
