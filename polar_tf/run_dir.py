@@ -10,7 +10,8 @@ A workdir holds
   plots/                PNG figures written at the end of each stage
 
 A shipped model (pretrained/) is <dataset>_<model>.keras with its run's config and metrics beside
-it: <dataset>_<model>.config.json and <dataset>_<model>.metrics.jsonl.
+it: <dataset>_<model>.config.json and <dataset>_<model>.metrics.jsonl, and for a polarized model
+its front end's kernels after every epoch, <dataset>_<model>.filters.npz (after_NNNN_epochs arrays).
 """
 
 from __future__ import annotations
@@ -74,7 +75,14 @@ def save_filters(workdir: str, epochs_completed: int, kernel: np.ndarray) -> str
 
 
 def load_filters(workdir: str) -> dict[int, np.ndarray]:
-    """{epochs completed: kernel} of every kernel `save_filters` wrote in workdir."""
+    """{epochs completed: kernel} of every kernel `save_filters` wrote in workdir, or, given a
+    shipped model (a .keras file), of the kernels shipped beside it ({} where none are)."""
+    if workdir.endswith(".keras"):
+        path = workdir[: -len(".keras")] + ".filters.npz"
+        if not os.path.isfile(path):
+            return {}
+        with np.load(path) as npz:
+            return {int(m.group(1)): npz[name] for name in npz.files if (m := _FILTERS_FILE.fullmatch(name + ".npy"))}
     folder = os.path.join(workdir, "filters")
     if not os.path.isdir(folder):
         return {}
@@ -264,12 +272,16 @@ def run_record(model_path: str) -> tuple[Config, list[dict]] | None:
 
 
 def ship_pretrained(path: str, folder: str) -> str:
-    """Copies a finished run's model, with its config and metrics beside it, into `folder`; returns
-    the copy. Each file is replaced at once (a copy, then a rename), the model last."""
+    """Copies a finished run's model, with its config, metrics and per-epoch filters beside it,
+    into `folder`; returns the copy. Each file is replaced at once (a copy, then a rename), the
+    model last."""
     workdir = os.path.dirname(path)
     config = read_config(workdir)
     stem = shipped_stem(folder, config)
     write_json(stem + ".config.json", config.to_dict())
+    if kernels := load_filters(workdir):
+        arrays = {f"after_{epochs:04d}_epochs": kernel for epochs, kernel in kernels.items()}
+        _atomic_write(stem + ".filters.npz", lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     for source, target in ((os.path.join(workdir, "metrics.jsonl"), stem + ".metrics.jsonl"), (path, stem + ".keras")):
         partial = target + ".tmp"
         shutil.copyfile(source, partial)

@@ -3,10 +3,13 @@ r"""How the front end learns, epoch by epoch, beside the original implementation
   python -m polar_tf.trajectory --workdir=runs/fashion_mnist_polarized \
       --reference_dir=../shared/reference_trajectory
   python -m polar_tf.trajectory --workdir=runs/a,runs/b --output_dir=results/front_end  # runs side by side
+  python -m polar_tf.trajectory --workdir=pretrained/full_protocol/fashion_mnist_polarized.keras --output_dir=...
 
-Reads the kernels train.py saves after every epoch (workdir/filters/) and, when given, the
-original's published files (filter_save/ and hist_save/ every 5 epochs of their 60-epoch "second
-run": MNIST c = 0.5, Fashion-MNIST c = 0.3). Writes into --output_dir (default workdir/plots):
+Reads the kernels train.py saves after every epoch (workdir/filters/, or <name>.filters.npz beside
+a shipped model; for a shipped model without them, the statistics its metrics.jsonl recorded after
+each epoch, and no filter grid) and, when given, the original's published files (filter_save/ and
+hist_save/ every 5 epochs of their 60-epoch "second run": MNIST c = 0.5, Fashion-MNIST c = 0.3).
+Writes into --output_dir (default workdir/plots; needed for a shipped model):
   trajectory.png          filter concentration and near-jump fraction against epochs completed
   trajectory_filters.png  the 25 filters at the reference's epochs, a row per run, theirs last
   trajectory.md           per run its settings and those figures after 10, 20, 30, 40 epochs
@@ -123,6 +126,28 @@ def initial_gradient_balance(config: Config, x: np.ndarray, y: np.ndarray, batch
     return {"cross_entropy_rms": ce_rms, "b1_rms": b1_rms, "ratio": ce_rms / b1_rms}
 
 
+def recorded_trajectory(metrics: list[dict]) -> dict[int, dict[str, float]]:
+    """{epochs completed: concentration, mean L1, near-jump fraction} as train.py recorded them in
+    metrics.jsonl after each epoch (on the first monitoring.MONITOR_EXAMPLES training images): the
+    trajectory of a shipped model whose kernels were not kept. Epoch 0 (as initialised) is not there."""
+    return {
+        record["epoch"] + 1: {"filter_concentration": record["filter_concentration"],
+                              "filter_l1_mean": record["filter_l1_mean"],
+                              "near_jump_fraction": record["frac_within_eps_of_jump"]}
+        for record in metrics if "filter_concentration" in record
+    }
+
+
+def _run_record(workdir: str) -> tuple[Config, list[dict]]:
+    """The config and metrics of a run folder or of a shipped model (a .keras file)."""
+    if not workdir.endswith(".keras"):
+        return run_dir.read_config(workdir), run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    record = run_dir.run_record(workdir)
+    if record is None:
+        raise FileNotFoundError(f"{workdir} has no config beside it ({workdir.removesuffix('.keras')}.config.json)")
+    return record
+
+
 def _filter_summary(kernel: np.ndarray) -> dict[str, float]:
     stats = monitoring.filter_stats(kernel)
     return {"filter_concentration": stats["filter_concentration"], "filter_l1_mean": stats["filter_l1_mean"]}
@@ -135,26 +160,33 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
     writes trajectory.{png,json,md} and trajectory_filters.png into output_dir. With
     `gradient_batches`, also `initial_gradient_balance` of the first run's config under each
     classifier init. `command`, the command line, is recorded in both files."""
-    configs = [run_dir.read_config(w) for w in workdirs]
+    records = [_run_record(w) for w in workdirs]
+    configs = [config for config, _ in records]
     if len({(c.dataset, c.eps) for c in configs}) > 1:
         raise ValueError(f"the runs must share a dataset and eps. Received: {[(c.dataset, c.eps) for c in configs]}")
     config = configs[0]
     x, y = (values[:examples] for values in data.load(config.dataset, "train", data_dir))
-    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    names = [os.path.basename(os.path.normpath(w)).removesuffix(".keras") for w in workdirs]
     if len(set(names)) < len(names):
         names = list(workdirs)
     runs, kernels = [], {}
-    for name, workdir, run_config in zip(names, workdirs, configs):
-        kernels[name] = run_dir.load_filters(workdir)
-        if not kernels[name]:
-            raise FileNotFoundError(f"{workdir} has no filters/ (train.py saves them after every epoch of a polarized model)")
-        records = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl")).read()
+    for name, workdir, (run_config, metrics) in zip(names, workdirs, records):
+        run_kernels = run_dir.load_filters(workdir)
+        if run_kernels:
+            kernels[name] = run_kernels
+            by_epoch = our_trajectory(run_kernels, x, run_config)
+        else:
+            by_epoch = recorded_trajectory(metrics)
+        if not by_epoch:
+            raise FileNotFoundError(f"{workdir} has no filters and no front-end statistics in its metrics "
+                                    "(train.py records both after every epoch of a polarized model)")
         runs.append({
             "name": name,
             "workdir": workdir,
             "config": {key: getattr(run_config, key) for key in RUN_SETTINGS},
-            "test_accuracy": records[-1]["test_accuracy"] if records else None,
-            "by_epoch": our_trajectory(kernels[name], x, run_config),
+            "test_accuracy": metrics[-1]["test_accuracy"] if metrics else None,
+            "from_metrics": not run_kernels,
+            "by_epoch": by_epoch,
         })
     reference_files = reference_trajectory(reference_dir, config.dataset) if reference_dir else {}
     jump = REFERENCE_JUMP[config.dataset]
@@ -178,11 +210,12 @@ def write_trajectory(workdirs: list[str], reference_dir: str | None, output_dir:
     run_dir.write_json(os.path.join(output_dir, "trajectory.json"), result)
     run_dir.write_text(os.path.join(output_dir, "trajectory.md"), trajectory_table(result))
     _plot_series(result, os.path.join(output_dir, "trajectory.png"))
-    last = max(max(k) for k in kernels.values())
+    last = max(max(run["by_epoch"]) for run in runs)
     epochs = [e for e in (sorted(reference) if reference else range(0, last + 1, 5)) if e <= last]
     if reference:
         kernels["original"] = {e: v["kernel"] for e, v in reference_files.items()}
-    _plot_filters(epochs, kernels, os.path.join(output_dir, "trajectory_filters.png"), config.dataset)
+    if kernels:
+        _plot_filters(epochs, kernels, os.path.join(output_dir, "trajectory_filters.png"), config.dataset)
     return result
 
 
@@ -216,6 +249,10 @@ def trajectory_table(result: dict) -> str:
         cells += [at(series, e, "near_jump_fraction") for e in TABLE_EPOCHS[1:]]
         cells += [str(max(series)), "-" if accuracy is None else f"{100 * accuracy:.1f}%"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    recorded = [run["name"] for run in result["runs"] if run.get("from_metrics")]
+    if recorded:
+        lines += ["", f"Read from the statistics train.py recorded after each epoch (their kernels were not kept; "
+                  f"near a jump on the first {monitoring.MONITOR_EXAMPLES} training images): {', '.join(recorded)}."]
     if result.get("initial_gradients"):
         lines += ["", f"At initialisation (seed of {result['runs'][0]['name']}), the gradient on the front-end kernel, "
                   "root mean square over its weights and batches of 64:", "",
@@ -263,8 +300,8 @@ def main(argv):
     f = flags.FLAGS
 
     def body():
-        if len(f.workdir) > 1 and not f.output_dir:
-            raise ValueError("--output_dir is needed with several --workdir")
+        if (len(f.workdir) > 1 or f.workdir[0].endswith(".keras")) and not f.output_dir:
+            raise ValueError("--output_dir is needed with several --workdir or a shipped model")
         output_dir = f.output_dir or os.path.join(f.workdir[0], "plots")
         command = " ".join(["python -m polar_tf.trajectory", *sys.argv[1:]])
         result = write_trajectory(f.workdir, f.reference_dir, output_dir, f.data_dir, f.examples, f.gradient_batches,
@@ -275,14 +312,16 @@ def main(argv):
         for name, series in named:
             line = ", ".join(f"{e}: {series[e]['filter_concentration']:.2f}" for e in sorted(series))
             print(f"{name}: filter concentration after N epochs: {line}")
-        print(f"Wrote trajectory.png, trajectory.md, trajectory.json and trajectory_filters.png in {output_dir}")
+        grids = result["reference"] or not all(run["from_metrics"] for run in result["runs"])
+        print(f"Wrote trajectory.png, trajectory.md, trajectory.json{' and trajectory_filters.png' if grids else ''} "
+              f"in {output_dir}")
 
     cli.run_main("polar_tf.trajectory", body)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_list("workdir", None, "Polarized models' run folders (train.py's --workdir), comma-separated.",
-                      required=True)
+    flags.DEFINE_list("workdir", None, "Polarized models' run folders (train.py's --workdir) or shipped models "
+                      "(pretrained/<name>.keras), comma-separated.", required=True)
     flags.DEFINE_string("reference_dir", None,
                         "The original's trajectory (filter_save/, hist_save/), e.g. ../shared/reference_trajectory.")
     flags.DEFINE_string("output_dir", None, "Where to write (default: <workdir>/plots).")

@@ -71,6 +71,36 @@ def test_filters_round_trip_by_epoch(tmp_path):
     assert run_dir.load_filters(str(tmp_path / "elsewhere")) == {}
 
 
+def test_shipping_copies_the_model_its_record_and_its_filters(tmp_path):
+    workdir = tmp_path / "run"
+    config = Config(dataset="fashion_mnist", model="polarized", jump=0.3, seed=2)
+    run_dir.write_config(str(workdir), config)
+    run_dir.MetricsLog(str(workdir / "metrics.jsonl")).append({"epoch": 0, "test_accuracy": 0.5})
+    (workdir / "stage3.keras").write_bytes(b"model bytes")
+    kernels = {epochs: np.full((5, 5, 1, 3), epochs + 0.5, np.float32) for epochs in (0, 1, 60)}
+    for epochs, kernel in kernels.items():
+        run_dir.save_filters(str(workdir), epochs, kernel)
+    shipped = run_dir.ship_pretrained(str(workdir / "stage3.keras"), str(tmp_path / "pretrained"))
+    stem = str(tmp_path / "pretrained" / "fashion_mnist_polarized")
+    assert shipped == stem + ".keras"
+    assert (tmp_path / "pretrained" / "fashion_mnist_polarized.keras").read_bytes() == b"model bytes"
+    assert run_dir.run_record(shipped) == (config, [{"epoch": 0, "test_accuracy": 0.5}])
+    loaded = run_dir.load_filters(shipped)
+    assert sorted(loaded) == [0, 1, 60]
+    for epochs, kernel in kernels.items():
+        np.testing.assert_array_equal(loaded[epochs], kernel)
+    assert sorted(os.listdir(tmp_path / "pretrained")) == [f"fashion_mnist_polarized.{suffix}" for suffix in
+                                                          ("config.json", "filters.npz", "keras", "metrics.jsonl")]
+    # A run without filters (an undefended model) ships none, and reads back as none.
+    baseline = tmp_path / "baseline"
+    run_dir.write_config(str(baseline), config.replace(model="baseline"))
+    run_dir.MetricsLog(str(baseline / "metrics.jsonl")).append({"epoch": 0})
+    (baseline / "model.keras").write_bytes(b"")
+    shipped = run_dir.ship_pretrained(str(baseline / "model.keras"), str(tmp_path / "pretrained"))
+    assert not os.path.exists(stem.replace("polarized", "baseline") + ".filters.npz")
+    assert run_dir.load_filters(shipped) == {}
+
+
 def test_a_model_path_is_a_keras_file_or_a_workdirs_final_checkpoint(tmp_path):
     run_dir.write_config(str(tmp_path), Config(model="polarized"))
     checkpoint = str(tmp_path / "stage3.keras")

@@ -106,6 +106,38 @@ def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
     )
 
 
+def test_a_shipped_model_without_kernels_reads_its_recorded_statistics(tmp_path, mnist_subset_dir):
+    """A shipped model whose filters were not kept (an older GPU run) gives the statistics train.py
+    recorded after each epoch, at epochs completed = epoch + 1, and no filter grid."""
+    stem = str(tmp_path / "pretrained" / "fashion_mnist_polarized")
+    run_dir.write_json(stem + ".config.json", Config(dataset="fashion_mnist", jump=0.3).to_dict())
+    log = run_dir.MetricsLog(stem + ".metrics.jsonl")
+    for epoch, concentration in enumerate((0.1, 0.25, 0.8)):
+        log.append({"epoch": epoch, "filter_concentration": concentration, "filter_l1_mean": 4.0 + epoch,
+                    "frac_within_eps_of_jump": 0.05 * epoch, "test_accuracy": 0.8 + 0.01 * epoch})
+    log.append({"epoch": 3, "test_accuracy": 0.9})  # a record without front-end statistics
+    assert trajectory.recorded_trajectory(log.read()) == {
+        1: {"filter_concentration": 0.1, "filter_l1_mean": 4.0, "near_jump_fraction": 0.0},
+        2: {"filter_concentration": 0.25, "filter_l1_mean": 5.0, "near_jump_fraction": 0.05},
+        3: {"filter_concentration": 0.8, "filter_l1_mean": 6.0, "near_jump_fraction": 0.1},
+    }
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    os.symlink(os.path.join(mnist_subset_dir, "mnist"), data_dir / "fashion_mnist")
+    output_dir = str(tmp_path / "out")
+    result = trajectory.write_trajectory([stem + ".keras"], None, output_dir, str(data_dir))
+    (run,) = result["runs"]
+    assert run["name"] == "fashion_mnist_polarized" and run["from_metrics"] and run["test_accuracy"] == 0.9
+    assert run["by_epoch"][3]["filter_concentration"] == 0.8
+    assert sorted(os.listdir(output_dir)) == ["trajectory.json", "trajectory.md", "trajectory.png"]
+    with open(os.path.join(output_dir, "trajectory.md")) as f:
+        table = f.read()
+    assert "| fashion_mnist_polarized | 0.3 | uniform_fan_in | 1e-08 | 0 | 20 | - | - | - | - | 0.80 |" in table
+    assert "kernels were not kept; near a jump on the first 1000 training images): fashion_mnist_polarized." in table
+    with pytest.raises(FileNotFoundError, match="no config beside it"):
+        trajectory.write_trajectory([str(tmp_path / "elsewhere.keras")], None, output_dir, str(data_dir))
+
+
 def test_initial_gradient_balance_is_the_gradient(mnist):
     """The SGD-step measurement equals the gradients a tape computes, and B1's pull does not
     depend on the classifier's init (the front end is drawn first from the same seed)."""
