@@ -33,7 +33,7 @@ from absl import app, flags  # noqa: E402
 from polar_tf import backend, data, run_dir, square  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-flags.DEFINE_string("model", os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras"), "Model attacked.")
+flags.DEFINE_string("model", os.path.join(ROOT, "pretrained", "reduced", "fashion_mnist_polarized.keras"), "Model attacked.")
 flags.DEFINE_string("dataset", "fashion_mnist", "Its dataset.")
 flags.DEFINE_integer("examples", 200, "First test images attacked.")
 flags.DEFINE_float("eps", 0.1, "L-inf radius.")
