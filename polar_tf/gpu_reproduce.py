@@ -547,7 +547,8 @@ def _figures(row: dict) -> str:
         if row["images_per_second"]:
             text += f", {row['images_per_second']:,.0f} training images/s (median epoch)"
         return text
-    text = f"{row['models_this_call']} {row.get('counted', 'models')} done"
+    counted = row.get("counted", "models")
+    text = f"{row['models_this_call']} {counted} {'evaluated' if counted == 'models' else 'done'}"
     if row.get("pgd_image_steps_per_second"):
         text += f", PGD {row['pgd_image_steps_per_second']:,.0f} image-steps/s ({row['pgd_image_steps']:,} in {row['pgd_seconds']:.0f} s)"
     return text

@@ -241,3 +241,6 @@ def test_a_reproductions_spread_is_found_from_its_results_folder(tmp_path, monke
     # The summary counts a spread run's evaluations, not models.
     row = {"unit": "evaluate fashion_mnist spread_c0.3_seed2", "models_done": 1, "models": 3, "counted": "evaluations"}
     assert gpu_reproduce._progress(row) == "evaluate fashion_mnist spread_c0.3_seed2 (1 of 3 evaluations)"
+    row.update(models_this_call=2, error=None)
+    assert gpu_reproduce._figures(row) == "2 evaluations done"
+    assert gpu_reproduce._figures({**row, "counted": "models"}) == "2 models evaluated"
