@@ -9,6 +9,14 @@ the device, each taking the next unit whose trainings are done (trainings first,
 so several trainings, then evaluations, run at once. Each unit resumes what an earlier call left:
 a training from its last completed epoch, an evaluation with the models it finished.
 
+`--spread_jumps=0.2,0.3 --spread_seeds=1,2,3` (`seed_spread.Spread`'s fields; none by default) adds a
+seed spread of the polarized model of `--spread_dataset`: for each jump and seed a training (the
+protocol's polarized config with that jump and seed), started after the protocol's trainings, and
+an evaluation unit (the standard suite, BIM with the margin loss, the adaptive suite:
+`seed_spread.evaluation_configs`) that waits for that training only. Their units are named
+spread_c<jump>_seed<seed>; `python -m polar_tf.seed_spread --from_reproduction=results/full_protocol`
+reports them.
+
 `--device_budget` seconds after it started, less `--stop_grace_s` and PACK_SECONDS (or at SIGTERM),
 it interrupts the workers (Ctrl-C: an interrupted training keeps its completed epochs, an evaluation
 its finished models), packs the state into `--out` (default $OUT), prints what is done, what
@@ -21,6 +29,11 @@ The state, relative to the checkout, in the folders `polar_tf.reproduce` reads:
                              folder is left out of the archive: its model is in pretrained/)
   pretrained/full_protocol/  the trained models, each with its config and per-epoch metrics
   results/full_protocol/     the evaluations, the training figures and protocol.json
+and for each run of a seed spread, in folders <run> = <dataset>_spread_c<jump>_seed<seed>:
+  runs/full_protocol/<run>/          its training (left out of the archive once finished)
+  pretrained/full_protocol/<run>/    its model <dataset>_polarized.keras, with .config.json,
+                                     .metrics.jsonl and .filters.npz beside it
+  results/full_protocol/<run>/       its evaluations standard/, bim_margin/, adaptive/; its figures
 What it writes into --out (the device gives back 8 files of at most 16 MiB):
   reproduce_state.json               the units, speed figures, device, and the archive's parts
   reproduce_state.tar.gz.000, ...    the three folders, in parts of at most 15 MiB
@@ -59,6 +72,8 @@ if __name__ == "__main__":
 
 from absl import app, flags, logging  # noqa: E402
 
+from polar_tf import seed_spread  # noqa: E402
+
 PROGRAM = "polar_tf.gpu_reproduce"
 LOG = "reproduce.log"
 MAX_PARTS = 6  # of the 8 files the device gives back: the parts, the manifest and the log
@@ -82,11 +97,13 @@ class Settings:
     pretrained_dir: str
     data_dir: str | None
     evaluations: tuple[str, ...]
+    spread: Any = None  # seed_spread.Spread: the seed spread trained and evaluated beside them; None: none
 
 
 @dataclasses.dataclass
 class Unit:
-    """One unit of work: a training ("train", dataset, model) or an evaluation ("evaluate", dataset, kind)."""
+    """One unit of work: a training ("train", dataset, model) or an evaluation ("evaluate", dataset, kind);
+    of a run of the seed spread, its training or its evaluations ("train"/"evaluate", dataset, run name)."""
 
     kind: str
     dataset: str
@@ -126,10 +143,26 @@ def plan(settings: Settings) -> list[Unit]:
                 evaluations.append(Unit("evaluate", dataset, kind, needs, done_before=done))
     trains.sort(key=lambda u: TRAIN_ORDER.index(u.name))
     evaluations.sort(key=lambda u: EVALUATION_ORDER.index(u.name))
-    units = trains + evaluations
+    spread_trains, spread_evaluations = [], []
+    for run in _spread_runs(settings).values():
+        path = seed_spread.trained_model(run, settings.protocol, _run_folders(settings, run))
+        spread_trains.append(Unit("train", run.dataset, run.name, done_before=path is not None))
+        done = seed_spread.evaluated(settings.spread, settings.protocol, path, _run_folders(settings, run))
+        spread_evaluations.append(Unit("evaluate", run.dataset, run.name, (spread_trains[-1].id,), done_before=done))
+    units = trains + spread_trains + evaluations + spread_evaluations
     for unit in units:
         unit.status = "done" if unit.done_before else "todo"
     return units
+
+
+def _spread_runs(settings: Settings) -> dict[str, Any]:
+    """{unit name: seed_spread.SpreadRun} of the seed spread's runs."""
+    return {run.name: run for run in (settings.spread.runs() if settings.spread else [])}
+
+
+def _run_folders(settings: Settings, run) -> Any:
+    """seed_spread.RunFolders of a spread run in this reproduction's folders."""
+    return seed_spread.run_folders(run, settings.root, settings.pretrained_dir, settings.results_dir)
 
 
 def ready(units: list[Unit]) -> list[Unit]:
@@ -145,6 +178,16 @@ def run_unit(unit: Unit, settings: Settings) -> None:
     from polar_tf import reproduce, reproduction_protocol
 
     s = settings
+    if run := _spread_runs(s).get(unit.name):
+        folders = _run_folders(s, run)
+        if unit.kind == "train":
+            seed_spread.train(run, s.protocol, folders, s.data_dir)
+            return
+        path = seed_spread.trained_model(run, s.protocol, folders)
+        if path is None:
+            raise ValueError(f"{unit.id} needs its trained model")
+        seed_spread.evaluate(s.spread, s.protocol, path, folders, s.data_dir)
+        return
     if unit.kind == "train":
         reproduce.train_model(unit.dataset, unit.name, s.protocol, s.root, s.data_dir, s.pretrained_dir, s.results_dir)
         return
@@ -250,7 +293,7 @@ def supervise(settings: Settings, argv: list[str], budget: float, out: str, work
         _say("interrupted")
     _stop(pool, selector, grace)
     packing = time.monotonic()
-    skip = {os.path.join(settings.root, f"{u.dataset}_{u.name}") for u in units if u.kind == "train" and u.status == "done"}
+    skip = {_workdir(settings, u) for u in units if u.kind == "train" and u.status == "done"}
     parts = state_archive.pack(_folders(settings), skip, out)
     summary = _summary(settings, units, before, device, backend_name, budget, time.monotonic() - packing, skip)
     if len(parts) > MAX_PARTS:
@@ -371,30 +414,63 @@ def _collect_logs(pool: list[_Worker], path: str) -> None:
 # Speed figures and the summary (files only).
 
 
+def _workdir(settings: Settings, unit: Unit) -> str:
+    """A training unit's run folder: <workdir>/<dataset>_<model>, or its spread run's."""
+    from polar_tf import reproduction_protocol
+
+    if run := _spread_runs(settings).get(unit.name):
+        return _run_folders(settings, run).workdir
+    return reproduction_protocol.run_folder(settings.root, unit.dataset, unit.name)
+
+
+def _evaluation_dirs(settings: Settings, unit: Unit) -> list[str]:
+    """An evaluation unit's results folders: one, or each of its spread run's evaluations."""
+    from polar_tf import reproduction_protocol
+
+    if run := _spread_runs(settings).get(unit.name):
+        return [os.path.join(_run_folders(settings, run).results_dir, kind) for kind in seed_spread.EVALUATIONS]
+    return [reproduction_protocol.evaluation_dir(settings.results_dir, unit.dataset, unit.name)]
+
+
+def _models(settings: Settings, unit: Unit) -> int:
+    """The models an evaluation unit evaluates, over its results folders."""
+    from polar_tf import reproduction_protocol
+
+    return len(seed_spread.EVALUATIONS) if unit.name in _spread_runs(settings) else len(reproduction_protocol.ROWS)
+
+
+def _train_config(settings: Settings, unit: Unit):
+    from polar_tf import reproduction_protocol
+
+    if run := _spread_runs(settings).get(unit.name):
+        return seed_spread.training_config(run, settings.protocol)
+    return reproduction_protocol.training_config(unit.dataset, unit.name, settings.protocol)
+
+
 def _records(settings: Settings, unit: Unit) -> list[dict]:
     """What a unit's figures come from: a training's per-epoch metrics, an evaluation's finished
     models (each with its evaluation's eps), as the files hold them now."""
     if unit.kind == "train":
-        path = os.path.join(settings.root, f"{unit.dataset}_{unit.name}", "metrics.jsonl")
+        path = os.path.join(_workdir(settings, unit), "metrics.jsonl")
         if not os.path.isfile(path):
             return []
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
-    folder = os.path.join(settings.results_dir, f"{unit.dataset}_{unit.name}")
-    for name in ("results.json", "results.partial.json"):
-        if os.path.isfile(os.path.join(folder, name)):
-            with open(os.path.join(folder, name)) as f:
-                results = json.load(f)
-            return [{**model, "evaluated_at_eps": results["eps"]} for model in results["models"]]
-    return []
+    records = []
+    for folder in _evaluation_dirs(settings, unit):
+        for name in ("results.json", "results.partial.json"):
+            if os.path.isfile(os.path.join(folder, name)):
+                with open(os.path.join(folder, name)) as f:
+                    results = json.load(f)
+                records += [{**model, "evaluated_at_eps": results["eps"]} for model in results["models"]]
+                break
+    return records
 
 
 def _summary(settings: Settings, units: list[Unit], before: dict[str, list], device: str, backend_name: str,
              budget: float, pack_seconds: float, skip: set[str]) -> dict[str, Any]:
     """What the manifest records and the summary shows: per unit its status, wall time and speed
     figures from the records it added in this call; wall time per stage; what to carry."""
-    from polar_tf import reproduction_protocol
-
     rows = []
     for unit in units:
         records = _records(settings, unit)
@@ -402,16 +478,17 @@ def _summary(settings: Settings, units: list[Unit], before: dict[str, list], dev
         row = {"unit": unit.id, "status": unit.status, "done_before": unit.done_before, "seconds": unit.seconds,
                "error": unit.error}
         if unit.kind == "train":
-            epochs = reproduction_protocol.training_config(unit.dataset, unit.name, settings.protocol).total_epochs
+            epochs = _train_config(settings, unit).total_epochs
             row.update(epochs_this_call=len(new), epochs_done=epochs if unit.done_before else len(records),
                        epochs=epochs,
                        images_per_second=statistics.median(r["images_per_second"] for r in new) if new else None)
         else:
-            row.update(models_this_call=len(new), models_done=len(reproduction_protocol.ROWS) if unit.done_before else len(records),
-                       models=len(reproduction_protocol.ROWS))
+            models = _models(settings, unit)
+            row.update(models_this_call=len(new), models_done=models if unit.done_before else len(records), models=models,
+                       counted="evaluations" if unit.name in _spread_runs(settings) else "models")
             pgd = [run for m in new for run in m.get("runs", [])
                    if run["attack"] == "pgd" and run["eps"] == m["evaluated_at_eps"] and run.get("image_steps")]
-            if unit.name == "table" and pgd:
+            if unit.name != "sweep" and pgd:  # the sweep's PGD runs at other eps too, with one restart
                 steps, seconds = sum(r["image_steps"] for r in pgd), sum(r["seconds"] for r in pgd)
                 row.update(pgd_image_steps=steps, pgd_seconds=seconds, pgd_image_steps_per_second=steps / seconds)
         rows.append(row)
@@ -459,7 +536,7 @@ def summary_text(summary: dict) -> str:
 def _progress(row: dict) -> str:
     if "epochs" in row:
         return f"{row['unit']} ({row['epochs_done']} of {row['epochs']} epochs)"
-    return f"{row['unit']} ({row['models_done']} of {row['models']} models)"
+    return f"{row['unit']} ({row['models_done']} of {row['models']} {row.get('counted', 'models')})"
 
 
 def _figures(row: dict) -> str:
@@ -470,7 +547,8 @@ def _figures(row: dict) -> str:
         if row["images_per_second"]:
             text += f", {row['images_per_second']:,.0f} training images/s (median epoch)"
         return text
-    text = f"{row['models_this_call']} models evaluated"
+    counted = row.get("counted", "models")
+    text = f"{row['models_this_call']} {counted} {'evaluated' if counted == 'models' else 'done'}"
     if row.get("pgd_image_steps_per_second"):
         text += f", PGD {row['pgd_image_steps_per_second']:,.0f} image-steps/s ({row['pgd_image_steps']:,} in {row['pgd_seconds']:.0f} s)"
     return text
@@ -489,7 +567,12 @@ def settings_from_flags() -> Settings:
     unknown = sorted(set(f.evaluations) - set(reproduction_protocol.EVALUATIONS))
     if unknown or not f.evaluations:
         raise ValueError(f"--evaluations must name some of {', '.join(reproduction_protocol.EVALUATIONS)}. Received: {','.join(f.evaluations)}")
-    return Settings(tuple(datasets), protocol, f.workdir, f.results_dir, f.pretrained_dir, f.data_dir, tuple(f.evaluations))
+    spread = cli.config_from_flags(seed_spread.Spread)
+    if spread.runs() and not os.path.isfile(spread.transfer_from):
+        raise ValueError(f"the spread's adaptive suite transfers from {spread.transfer_from}, which does not exist: "
+                         "pass --spread_transfer_from")
+    return Settings(tuple(datasets), protocol, f.workdir, f.results_dir, f.pretrained_dir, f.data_dir, tuple(f.evaluations),
+                    spread)
 
 
 def main(argv):
@@ -535,6 +618,7 @@ def define_flags() -> None:
     flags.DEFINE_string("out", os.environ.get("OUT"), "Where the archive, manifest and log go (default: $OUT).")
     flags.DEFINE_integer("workers", 6, "Worker processes sharing the device.")
     flags.DEFINE_list("evaluations", list(EVALUATION_ORDER), "Which evaluations of each dataset to run.")
+    cli.define_config_flags(seed_spread.Spread)
     flags.DEFINE_float("stop_grace_s", 20.0, "Seconds the interrupted workers get to save their work.")
     flags.DEFINE_float("min_start_s", 30.0, "No unit starts this close to the stop.")
     flags.DEFINE_bool("plan_only", False, "Only print which units are done and which remain.")

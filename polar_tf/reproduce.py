@@ -44,7 +44,8 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # noqa: E402
 
 from polar_tf import adaptive, evaluation, run_dir, state_archive, training  # noqa: E402
-from polar_tf.config import DATASETS  # noqa: E402
+from polar_tf.config import DATASETS, Config  # noqa: E402
+from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig  # noqa: E402
 from polar_tf.report import evaluate_command, replace_block  # noqa: E402
 from polar_tf.reproduction_protocol import (EVALUATIONS, ROWS, Protocol, evaluation_configs, evaluation_dir,  # noqa: E402
                                             run_folder, training_config, write_protocol_record)
@@ -55,13 +56,17 @@ from polar_tf.reproduction_results import (collect, copy_figures, finished_evalu
 
 
 def trained_model(dataset: str, model: str, protocol: Protocol, root: str, pretrained_dir: str | None) -> str | None:
-    """The model file to evaluate if `model` is trained under `protocol`, else None (training remains).
+    """The model file to evaluate if `model` is trained under `protocol`, else None (training remains);
+    see `trained_model_at`. Reads files only."""
+    return trained_model_at(training_config(dataset, model, protocol), run_folder(root, dataset, model), pretrained_dir)
 
-    That is the run's final checkpoint in `root`, or where `pretrained_dir` is given its copy there
-    (a run not yet copied counts as not done); where `root` holds no run, a model shipped in
-    `pretrained_dir` with exactly this config. Reads files only."""
-    config = training_config(dataset, model, protocol)
-    workdir = run_folder(root, dataset, model)
+
+def trained_model_at(config: Config, workdir: str, pretrained_dir: str | None) -> str | None:
+    """The model file to evaluate if `config` is trained in `workdir`, else None (training remains).
+
+    That is the run's final checkpoint, or where `pretrained_dir` is given its copy there (a run not
+    yet copied counts as not done); where `workdir` holds no run, a model shipped in `pretrained_dir`
+    with exactly this config. Reads files only."""
     if not os.path.isfile(os.path.join(workdir, "config.json")):
         return run_dir.shipped_model(pretrained_dir, config, workdir)
     final = run_dir.checkpoint_path(workdir, config, config.num_stages)
@@ -75,12 +80,17 @@ def trained_model(dataset: str, model: str, protocol: Protocol, root: str, pretr
 
 def train_model(dataset: str, model: str, protocol: Protocol, root: str, data_dir: str | None,
                 pretrained_dir: str | None, results_dir: str) -> str:
-    """Trains `model` under `protocol` unless done (an interrupted run resumes from its last completed
-    epoch), copies it into `pretrained_dir` (if given) and its figures beside the evaluations;
-    returns the model file to evaluate (see `trained_model`)."""
-    config = training_config(dataset, model, protocol)
-    workdir = run_folder(root, dataset, model)
-    path = trained_model(dataset, model, protocol, root, pretrained_dir)
+    """Trains `model` under `protocol` unless done; see `train_model_at`."""
+    return train_model_at(training_config(dataset, model, protocol), run_folder(root, dataset, model), data_dir,
+                          pretrained_dir, results_dir)
+
+
+def train_model_at(config: Config, workdir: str, data_dir: str | None, pretrained_dir: str | None,
+                   results_dir: str) -> str:
+    """Trains `config` in `workdir` unless done (an interrupted run resumes from its last completed
+    epoch), copies it into `pretrained_dir` (if given) and its figures into `results_dir`; returns
+    the model file to evaluate (see `trained_model_at`)."""
+    path = trained_model_at(config, workdir, pretrained_dir)
     if path is None:
         final = run_dir.checkpoint_path(workdir, config, config.num_stages)
         if not (os.path.isfile(final) and run_dir.read_config(workdir) == config):
@@ -94,10 +104,15 @@ def run_evaluation(kind: str, dataset: str, protocol: Protocol, paths: list[str]
                    data_dir: str | None) -> dict:
     """One evaluation of EVALUATIONS on the models `paths`, unless its results are up to date."""
     config = evaluation_configs(dataset, protocol, paths)[kind]
-    output_dir = evaluation_dir(results_dir, dataset, kind)
+    return evaluate_once(paths, config, evaluation_dir(results_dir, dataset, kind), data_dir)
+
+
+def evaluate_once(paths: list[str], config: EvalConfig | AdaptiveConfig, output_dir: str, data_dir: str | None) -> dict:
+    """The evaluation of the models `paths` with `config` (either suite) in `output_dir`, unless its
+    results there are up to date; an interrupted one resumes with the models it finished."""
     results = finished_evaluation(output_dir, paths, config)
     if results is None:
-        run = adaptive.evaluate_adaptive if kind == "adaptive" else evaluation.evaluate
+        run = adaptive.evaluate_adaptive if isinstance(config, AdaptiveConfig) else evaluation.evaluate
         results = run(paths, config, output_dir, data_dir, command=evaluate_command(paths, config, output_dir, data_dir))
     return results
 

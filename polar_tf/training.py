@@ -158,6 +158,8 @@ def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: 
         FIT_ACCURACY: float(accuracy),
         "epoch_seconds": seconds,
         "images_per_second": images / seconds,
+        "backend": backend.name(),  # where it was trained: a report can set runs of two machines apart
+        "device": backend.device_description(),
     }
 
 

@@ -162,13 +162,18 @@ def test_on_jax_without_tensorflow_a_budget_too_short_for_any_unit_still_packs_a
         return subprocess.run([sys.executable, "-c", code, *args], cwd=checkout, env=_env(mnist_subset_dir, KERAS_BACKEND="jax"),
                               capture_output=True, text=True, timeout=300)
 
-    # The workers would stop 1 s after the start: before the first unit is handed out.
-    done = call(*TINY, "--device_budget=11", "--stop_grace_s=0", f"--out={out}")
+    # The workers would stop 1 s after the start: before the first unit is handed out. With a seed
+    # spread of one run, whose units come after the protocol's.
+    spread = ["--spread_jumps=0.3", "--spread_seeds=1", "--spread_dataset=mnist",
+              f"--spread_transfer_from={ROOT}/pretrained/mnist_baseline.keras"]
+    done = call(*TINY, *spread, "--device_budget=11", "--stop_grace_s=0", f"--out={out}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "the budget's stop: interrupting the workers" in done.stdout
-    assert done.stdout.splitlines()[-2] == ("done 0 of 4 units; remaining: train mnist adversarial (0 of 3 epochs), "
+    assert done.stdout.splitlines()[-2] == ("done 0 of 6 units; remaining: train mnist adversarial (0 of 3 epochs), "
                                             "train mnist polarized (0 of 3 epochs), train mnist baseline (0 of 3 epochs), "
-                                            "evaluate mnist table (0 of 3 models)")
+                                            "train mnist spread_c0.3_seed1 (0 of 3 epochs), "
+                                            "evaluate mnist table (0 of 3 models), "
+                                            "evaluate mnist spread_c0.3_seed1 (0 of 3 evaluations)")
     manifest = state_archive.import_archive(str(out), str(tmp_path))
     assert manifest["backend"] == "jax" and manifest["protocol"] == dataclasses.asdict(TINY_PROTOCOL)
     assert reproduction_protocol.read_protocol_record(str(tmp_path / "results" / "full_protocol"))[0] == TINY_PROTOCOL
@@ -177,6 +182,10 @@ def test_on_jax_without_tensorflow_a_budget_too_short_for_any_unit_still_packs_a
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
     assert bad.stderr.splitlines()[-1].startswith(
         "polar_tf.gpu_reproduce: error: --workdir must be a relative folder below runs/, results/, pretrained/")
+    bad = call("--plan_only", "--spread_jumps=0.3", "--spread_seeds=1", "--spread_transfer_from=pretrained/none.keras")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.splitlines()[-1] == ("polar_tf.gpu_reproduce: error: the spread's adaptive suite transfers from "
+                                           "pretrained/none.keras, which does not exist: pass --spread_transfer_from")
 
 
 def test_a_state_of_another_protocol_is_refused_before_any_work(tmp_path, monkeypatch):
