@@ -84,7 +84,8 @@ class Spread:
       spread_adaptive_examples: test images of the adaptive suite.
       spread_restarts: PGD's restarts, in both suites.
       spread_transfer_from: the undefended model whose PGD examples the adaptive suite transfers;
-        None: the shipped pretrained/<spread_dataset>_baseline.keras.
+        None: the 30-epoch pretrained/reduced/<spread_dataset>_baseline.keras, the source of the
+        seed-0 runs' evaluations.
     """
 
     spread_jumps: tuple[float, ...] = dataclasses.field(default=(), metadata={"parse": _floats, "format": _joined})
@@ -110,7 +111,7 @@ class Spread:
 
     @property
     def transfer_from(self) -> str:
-        return self.spread_transfer_from or os.path.join("pretrained", f"{self.spread_dataset}_baseline.keras")
+        return self.spread_transfer_from or os.path.join("pretrained", "reduced", f"{self.spread_dataset}_baseline.keras")
 
     def runs(self) -> list[SpreadRun]:
         """The runs, jump by jump, each jump's seeds in the order given."""

@@ -45,7 +45,7 @@ def test_the_flags_are_the_fields_and_bad_values_are_refused():
     spread = cli.config_from_flags(seed_spread.Spread, values)
     assert spread.spread_jumps == (0.2, 0.3) and spread.spread_seeds == (1, 2, 3)
     assert [r.name for r in spread.runs()] == [f"spread_c{c}_seed{s}" for c in ("0.2", "0.3") for s in (1, 2, 3)]
-    assert spread.transfer_from == "pretrained/fashion_mnist_baseline.keras"
+    assert spread.transfer_from == "pretrained/reduced/fashion_mnist_baseline.keras"
     assert seed_spread.Spread().runs() == []  # none by default
     with pytest.raises(ValueError, match="spread_jumps and spread_seeds go together"):
         seed_spread.Spread(spread_jumps=(0.3,))
