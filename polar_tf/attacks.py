@@ -13,7 +13,8 @@ batch is the kernel `CompiledAttack`: its loop over steps is compiled once per b
 over eps does not retrace. On the CPU a batch runs in calls of `backend.attack_steps_per_call()`
 steps, so that the progress bar (`polar_tf.progress`) moves and Ctrl-C stops within seconds.
 Batching, restarts, the saturation switch, checks and progress are the driver's
-(`polar_tf.driver.run`).
+(`polar_tf.driver.run`). Adversarial training takes the same steps (`signed_gradient_steps`) inside
+Keras' train step (`polar_tf.adversarial_training`).
 
 What is attacked: the model as it is evaluated. The front end's saturation is switched on for the
 attack (and restored after), as `models.accuracy` does. Gradients through a saturation are those
@@ -78,9 +79,40 @@ def project(x_adv, x, eps, clip_min: float = 0.0, clip_max: float = 1.0):
     return ops.minimum(ops.maximum(x_adv, low), high)
 
 
+def start(x, noise, eps, clip_min: float = 0.0, clip_max: float = 1.0):
+    """project(x + eps * noise): where an attack from noise in [-1, 1] starts (tensors in, tensor out)."""
+    return project(x + eps * noise, x, eps, clip_min, clip_max)
+
+
 def start_point(x: np.ndarray, noise: np.ndarray, eps: float, clip_min: float = 0.0, clip_max: float = 1.0) -> np.ndarray:
-    """project(x + eps * noise): where an attack from noise in [-1, 1] starts, as a NumPy array."""
-    return ops.convert_to_numpy(project(x + np.float32(eps) * noise, x, eps, clip_min, clip_max))
+    """`start` on NumPy arrays, as a NumPy array."""
+    return ops.convert_to_numpy(start(x, noise, np.float32(eps), clip_min, clip_max))
+
+
+def signed_gradient_step(value_and_grad, objective, x, y, x_t, eps, step_size, clip_min: float = 0.0,
+                         clip_max: float = 1.0):
+    """One step of every attack here: project(x_t + step_size * sign(d sum(objective) / dx_t)).
+
+    Args:
+      value_and_grad: `backend.forward_value_and_grad` of the attacked model's forward pass.
+      objective: the per-example loss to maximize, (logits, y) -> [batch] (`per_example_loss`).
+      x, y: the clean batch and its labels.
+      x_t: the current adversarial batch.
+      eps, step_size: the attack's radius and step (floats or scalar tensors).
+      clip_min, clip_max: the valid pixel range.
+    """
+    _, _, gradient = value_and_grad(objective, x_t, y)
+    return project(x_t + step_size * ops.sign(gradient), x, eps, clip_min, clip_max)
+
+
+def signed_gradient_steps(value_and_grad, objective, x, y, x_adv, eps, step_size, steps, clip_min: float = 0.0,
+                          clip_max: float = 1.0):
+    """`steps` of `signed_gradient_step` from x_adv, as one `keras.ops.fori_loop`."""
+    return ops.fori_loop(
+        0, steps,
+        lambda _, x_t: signed_gradient_step(value_and_grad, objective, x, y, x_t, eps, step_size, clip_min, clip_max),
+        x_adv,
+    )
 
 
 class CompiledAttack:
@@ -103,15 +135,12 @@ class CompiledAttack:
         def objective(logits, y):
             return per_example_loss(logits, y, loss)
 
-        def step(value_and_grad, x, y, x_t, eps, step_size):
-            _, _, gradient = value_and_grad(objective, x_t, y)
-            return project(x_t + step_size * ops.sign(gradient), x, eps, self.clip_min, self.clip_max)
-
         def take_step(forward, value_and_grad, x, y, x_adv, eps, step_size):
-            return step(value_and_grad, x, y, x_adv, eps, step_size)
+            return signed_gradient_step(value_and_grad, objective, x, y, x_adv, eps, step_size, self.clip_min, self.clip_max)
 
         def take_steps(forward, value_and_grad, x, y, x_adv, eps, step_size, steps):
-            return ops.fori_loop(0, steps, lambda _, x_t: step(value_and_grad, x, y, x_t, eps, step_size), x_adv)
+            return signed_gradient_steps(value_and_grad, objective, x, y, x_adv, eps, step_size, steps,
+                                         self.clip_min, self.clip_max)
 
         def evaluate(forward, value_and_grad, x_adv, y):
             logits = forward(x_adv)

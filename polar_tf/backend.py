@@ -154,6 +154,26 @@ def _forward(model_ref, trainable, non_trainable, x):
     return model_ref().stateless_call(trainable, non_trainable, x, training=False)[0]
 
 
+def forward_value_and_grad(forward: Callable) -> Callable:
+    """`value_and_grad(objective, x, y)` -> (objective(logits, y), logits, d sum(objective) / dx),
+    the logits forward(x): the input gradient an attack step takes, per example (`value_and_grad`).
+
+    Args:
+      forward: maps a batch of images to logits (e.g. a `stateless_call` of a model).
+    """
+
+    def model_value_and_grad(objective, x, y):
+        def total(x):
+            logits = forward(x)
+            losses = objective(logits, y)
+            return keras.ops.sum(losses), (losses, logits)
+
+        _, (losses, logits), grad = value_and_grad(total, x)
+        return losses, logits, grad
+
+    return model_value_and_grad
+
+
 def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[[], None]) -> Callable:
     """Compiles `fn(forward, value_and_grad, *args)` on `model`, traced once per argument shape:
     the one way the attacks compile their work.
@@ -186,16 +206,7 @@ def compile_model_function(model: keras.Model, fn: Callable, on_trace: Callable[
         def forward(x):
             return _forward(model_ref, trainable, non_trainable, x)
 
-        def model_value_and_grad(objective, x, y):
-            def total(x):
-                logits = forward(x)
-                losses = objective(logits, y)
-                return keras.ops.sum(losses), (losses, logits)
-
-            _, (losses, logits), grad = value_and_grad(total, x)
-            return losses, logits, grad
-
-        return fn(forward, model_value_and_grad, *args)
+        return fn(forward, forward_value_and_grad(forward), *args)
 
     if backend == "tensorflow":
         import tensorflow as tf

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import attacks, backend, certified_training, data, models, monitoring, parallel, plots, run_dir, schedule
+from polar_tf import adversarial_training, attacks, backend, certified_training, data, models, monitoring, parallel, plots, run_dir, schedule
 from polar_tf.config import Config
 
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
@@ -120,14 +120,17 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     order = parallel.epoch_rows(epoch_permutation(config, epoch, len(x)), config.batch_size)
     x_epoch, y_epoch = x[order], y[order]
     start = time.perf_counter()
+    # Adversarial and certified epochs fit a wrapper that shares the model's variables and optimizer.
+    fitted, inputs = model, x_epoch
     if config.model == "adversarial":
-        loss, accuracy = _adversarial_epoch(model, config, epoch, x_epoch, y_epoch)
-        return _epoch_record(phase, loss, accuracy, time.perf_counter() - start, len(x))
-    # Certified epochs fit a wrapper that shares the model's variables and optimizer.
-    fitted = certified_training.trainer(model, config, epoch, len(x), _fit_metrics()) if phase.certified else model
+        steps = -(-len(x_epoch) // parallel.local_batch_size(config.batch_size))
+        fitted = adversarial_training.trainer(model, config, epoch, steps, _fit_metrics())
+        inputs = adversarial_training.inputs(x_epoch, y_epoch)
+    elif phase.certified:
+        fitted = certified_training.trainer(model, config, epoch, len(x), _fit_metrics())
     try:
         history = fitted.fit(
-            x_epoch,
+            inputs,
             y_epoch,
             batch_size=parallel.local_batch_size(config.batch_size),
             epochs=epoch + 1,
@@ -163,11 +166,11 @@ def _epoch_record(phase: schedule.Phase, loss: float, accuracy: float, seconds: 
     }
 
 
-def adversarial_batch(model, config: Config, x: np.ndarray, y: np.ndarray, seed, scale: float = 1.0) -> np.ndarray:
-    """Madry et al.'s training input: PGD from a uniform random start in the eps-ball,
-    `adv_steps` steps of `adv_step_size` on the cross-entropy, against the current weights;
-    eps and the step size times `scale` (the warm-up's ramp)."""
-    noise = np.random.default_rng(seed).uniform(-1.0, 1.0, x.shape).astype(np.float32)
+def adversarial_batch(model, config: Config, x: np.ndarray, y: np.ndarray, noise: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """One batch of adversarial training's PGD inputs, attacked from the host (`attacks.compiled_attack`)
+    and checked there: from the random start `noise` (in [-1, 1], shaped like x), `adv_steps` steps
+    of `adv_step_size` on the cross-entropy, against the current weights; eps and the step size
+    times `scale`. Training computes the same inside its compiled step (`adversarial_training`)."""
     attack = attacks.compiled_attack(model, "ce")
     eps = config.eps * scale
     x_adv, _, _ = attack(x, y, noise, eps, config.adv_step_size * scale, config.adv_steps)
@@ -176,30 +179,9 @@ def adversarial_batch(model, config: Config, x: np.ndarray, y: np.ndarray, seed,
 
 
 def adversarial_scale(config: Config, epoch: int, batch: int, batches: int) -> float:
-    """The fraction of eps that batch `batch` (of `batches`) of `epoch` attacks with: a linear ramp
-    over the first `adv_warmup_epochs` epochs (reaching 1 at their last batch), then 1."""
-    if config.adv_warmup_epochs == 0:
-        return 1.0
-    return min(1.0, (epoch * batches + batch + 1) / (config.adv_warmup_epochs * batches))
-
-
-def _adversarial_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """One epoch of adversarial training; returns the mean loss and accuracy on the PGD inputs."""
-    total_loss = total_correct = 0.0
-    batches = -(-len(x) // config.batch_size)
-    for first in range(0, len(x), config.batch_size):
-        xb, yb = x[first : first + config.batch_size], y[first : first + config.batch_size]
-        scale = adversarial_scale(config, epoch, first // config.batch_size, batches)
-        x_adv = adversarial_batch(model, config, xb, yb, seed=[config.seed, epoch, first], scale=scale)
-        logs = model.train_on_batch(x_adv, yb, return_dict=True)
-        if not np.isfinite(logs["loss"]):
-            raise FloatingPointError(
-                f"the loss became {logs['loss']} at epoch {epoch}, batch {first // config.batch_size}; "
-                "the checkpoints of earlier epochs are kept"
-            )
-        total_loss += logs["loss"] * len(xb)
-        total_correct += logs[FIT_ACCURACY] * len(xb)
-    return total_loss / len(x), total_correct / len(x)
+    """The fraction of eps that batch `batch` (of `batches`) of `epoch` attacks with
+    (`adversarial_training.warmup_scale`)."""
+    return float(adversarial_training.warmup_scale(config, epoch * batches + batch, batches))
 
 
 def _epoch_report(model, config: Config, record: dict, train, test, tensorboard) -> dict[str, Any]:
