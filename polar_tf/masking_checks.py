@@ -5,8 +5,10 @@ pure functions of per-example results, each returning {"name", "status": "pass" 
     (on the first `check_examples` examples);
   - more_budget: twice APGD-CE's iterations, or twice its restarts, fools no more examples than
     noise allows (on the first `check_examples` examples);
-  - gradient_free_vs_gradient: the Square attack does not beat the best gradient attack, nor keep
-    fooling more examples with doubled queries (if it does, the gradients are masked);
+  - gradient_free_vs_gradient: the Square attack does not beat the best gradient attack, compared
+    example by example (the examples only Square fools against those only that attack fools, by
+    more than `paired_noise_level`), nor keep fooling more examples with doubled queries (if it
+    does, the gradients are masked);
   - iterative_vs_single_step: the best iterative attack is at least as strong as FGSM;
   - noise_vs_attacks: random noise is weaker than every white-box attack.
 "Noise allows" is two standard errors of the difference of the two accuracies plus one example.
@@ -39,6 +41,13 @@ def _check(name: str, ok: bool, **numbers) -> dict[str, Any]:
     return {"name": name, "status": "pass" if ok else "warn", **numbers}
 
 
+def paired_noise_level(only_a: int, only_b: int) -> float:
+    """How far apart the counts of examples that only attack A and only attack B fool (of the same
+    examples) may fall by chance: two standard errors of their difference under McNemar's null
+    (each such example equally likely either way), plus one example."""
+    return 2.0 * math.sqrt(only_a + only_b) + 1.0
+
+
 def check_eps_to_half(accuracy_by_eps: dict[float, float], n: int) -> dict[str, Any]:
     """Accuracy under the strongest attacks must fall to about 0 as eps grows to 0.5."""
     curve = {float(e): float(a) for e, a in sorted(accuracy_by_eps.items())}
@@ -63,7 +72,11 @@ def check_gradient_free(correct_square: np.ndarray, correct_gradient: dict[str, 
     best = min(accuracies, key=accuracies.get)
     square_accuracy = float(np.mean(correct_square))
     only_square = int(np.sum(~correct_square & worst_case(np.ones(n, bool), correct_gradient)))
-    stronger = square_accuracy < accuracies[best] - noise_level(square_accuracy, accuracies[best], n)
+    # Paired on the same examples: those only Square fools against those only the best gradient
+    # attack fools (McNemar's test at about two standard errors, plus one example).
+    square_not_best = int(np.sum(~correct_square & correct_gradient[best]))
+    best_not_square = int(np.sum(correct_square & ~correct_gradient[best]))
+    stronger = square_not_best - best_not_square > paired_noise_level(square_not_best, best_not_square)
     gaining = any(r["newly_fooled"] > 0 for r in escalation)
     verdict = None
     if stronger or gaining:
@@ -73,6 +86,7 @@ def check_gradient_free(correct_square: np.ndarray, correct_gradient: dict[str, 
                 f"more examples fooled at {', '.join(str(r['queries']) for r in escalation)} queries)"] if gaining else []))
     return _check("gradient_free_vs_gradient", not (stronger or gaining), square_accuracy=square_accuracy,
                   best_gradient_attack=best, best_gradient_accuracy=accuracies[best], fooled_only_by_square=only_square,
+                  fooled_by_square_not_best=square_not_best, fooled_by_best_not_square=best_not_square,
                   more_queries=list(escalation), examples=n, verdict=verdict)
 
 
