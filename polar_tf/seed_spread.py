@@ -41,7 +41,7 @@ if __name__ == "__main__":
 
 from absl import app, flags  # noqa: E402
 
-from polar_tf import monitoring, report, run_dir  # noqa: E402
+from polar_tf import monitoring, report, run_dir, trajectory  # noqa: E402
 from polar_tf.config import DATASETS, Config, choice  # noqa: E402
 from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig  # noqa: E402
 
@@ -266,7 +266,7 @@ def run_row(model_path: str, folders: dict[str, str]) -> dict[str, Any]:
     if config.model != MODEL:
         raise ValueError(f"{model_path} is a {config.model} model, not a polarized one")
     results = {kind: _model_results(folder, model_file) for kind, folder in folders.items()}
-    by_epoch = {r["epoch"] + 1: r for r in metrics if "filter_concentration" in r}
+    by_epoch = trajectory.recorded_trajectory(metrics)
     last = by_epoch[max(by_epoch)] if by_epoch else {}
     standard, adaptive = results["standard"], results["adaptive"]
     squares = {key: entry["accuracy"] for key, entry in adaptive["attacks"].items() if entry["attack"] == "square"}
@@ -280,7 +280,7 @@ def run_row(model_path: str, folders: dict[str, str]) -> dict[str, Any]:
         **{f"concentration_after_{e}": by_epoch[e]["filter_concentration"] if e in by_epoch else None
            for e in TABLE_EPOCHS},
         "concentration_at_end": last.get("filter_concentration"),
-        "near_jump_at_end": last.get("frac_within_eps_of_jump"),
+        "near_jump_at_end": last.get("near_jump_fraction"),
         "clean": standard["clean_accuracy"],
         **{name: standard["accuracy"].get(name) for name in ("fgsm", "bim", "pgd")},
         "bim_margin": results["bim_margin"]["accuracy"].get("bim"),

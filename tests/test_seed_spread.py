@@ -131,9 +131,11 @@ def _fake_run(root, name: str, jump: float, seed: int, concentration: list[float
     """A run with 4 epochs recorded, whose concentration after 20, 30, 40 epochs and at the end
     (epochs 19, 29, 39 and 44) is `concentration`, and its three evaluations."""
     config = Config(dataset="fashion_mnist", jump=jump, seed=seed, epochs_per_stage=15)
-    metrics = [{"epoch": e, "filter_concentration": c, "frac_within_eps_of_jump": near / 2}
+    # train.py records the three front-end statistics together.
+    metrics = [{"epoch": e, "filter_concentration": c, "filter_l1_mean": 4.0, "frac_within_eps_of_jump": near / 2}
                for e, c in zip((19, 29, 39), concentration)]
-    metrics.append({"epoch": 44, "filter_concentration": concentration[-1], "frac_within_eps_of_jump": near})
+    metrics.append({"epoch": 44, "filter_concentration": concentration[-1], "filter_l1_mean": 4.0,
+                    "frac_within_eps_of_jump": near})
     if device:
         for record in metrics:
             record.update(backend="jax", device=device)
