@@ -171,7 +171,9 @@ def evaluate_model(
         batch_size=config.batch_size, return_queries=True,
     ))
     record("square", "square", x_adv, seconds, queries_mean=float(queries.mean()), queries_max=int(queries.max()))
-    escalation = _escalate_square(model, x, y, x_adv, eps, config, clean, correct, record)
+    certificate, certify_seconds = _timed(lambda: certify.certify(model, x, y, eps)) if config.certify else (None, 0.0)
+    proven = certificate.certified_ibp if certificate is not None else np.zeros(len(x), bool)
+    escalation = _escalate_square(model, x, y, x_adv, eps, config, clean, correct, record, proven)
     if x_transfer is not None:
         record("transfer", "transfer", x_transfer, 0.0, source=config.transfer_from)
     x_adv, seconds = _timed(lambda: random_noise(x, eps, config.seed))
@@ -195,12 +197,14 @@ def evaluate_model(
         "checks": checks,
     }
     if config.certify:
-        record["certified"] = [certify.checked_against_attacks(model, label, x, y, eps, robust)]
+        record["certified"] = [certify.checked_against_attacks(model, label, x, y, eps, robust, result=certificate)]
+        record["certified"][0]["seconds"] += certify_seconds
     record["seconds"] = time.perf_counter() - model_started
     return record
 
 
-def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, clean, correct, record) -> list[dict[str, Any]]:
+def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, clean, correct, record,
+                     proven: np.ndarray) -> list[dict[str, Any]]:
     """Gives Square more queries while they pay: a gradient-free attack that fools what every
     gradient attack missed, or keeps gaining with budget, is the sign of masked gradients, and its
     full strength is what the worst case must count.
@@ -209,6 +213,9 @@ def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, 
     with twice the queries (and new random squares) on the examples robust under every attack so
     far, at most `MAX_SQUARE_DOUBLINGS` times; each run is recorded as attack "square-x2", "-x4", ...,
     its images those of the run before where it did not attack (`x_square`: the first run's).
+    Examples in `proven` (certified robust) are left out of those runs: no query can fool them,
+    and on a certifiably trained model they are most of the robust ones. The certificate is still
+    checked against every attack run on them, the first Square run included.
 
     Returns:
       One entry per round: queries, examples attacked, examples newly fooled.
@@ -218,7 +225,7 @@ def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, 
     rounds, queries = [], config.square_queries
     while gained > 0 and len(rounds) < MAX_SQUARE_DOUBLINGS:
         queries *= 2
-        robust = np.flatnonzero(worst_case(clean, correct))
+        robust = np.flatnonzero(worst_case(clean, correct) & ~proven)
         if robust.size == 0:
             break
         x_adv = x_square.copy()
@@ -229,7 +236,8 @@ def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, 
         key = f"square-x{queries // config.square_queries}"
         record(key, "square", x_adv, seconds, queries=queries, attacked=int(robust.size),
                description=f"{queries} queries per example at most on the {robust.size} examples robust so far "
-                           "(new random squares), the run before's images elsewhere")
+                           "(new random squares), the run before's images elsewhere"
+                           + (" (certified examples left out: no query can fool them)" if proven.any() else ""))
         gained = int(np.sum(~correct[key][robust]))
         x_square = x_adv
         rounds.append({"queries": queries, "attacked": int(robust.size), "newly_fooled": gained})

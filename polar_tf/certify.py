@@ -550,19 +550,20 @@ def _count(mask) -> np.ndarray:
 
 
 def checked_against_attacks(model: keras.Model, label: str, x: np.ndarray, y: np.ndarray, eps: float,
-                            survives: np.ndarray) -> dict[str, Any]:
+                            survives: np.ndarray, result: CertificationResult | None = None) -> dict[str, Any]:
     """`certify`'s summary at eps, after checking that every certified example survived the attacks.
 
     Args:
       model, x, y, eps: as for `certify`.
       label: the model's name in the error.
       survives: per example, whether it was classified correctly under every attack run at eps.
+      result: `certify(model, x, y, eps)` if already computed (it is computed otherwise).
 
     Raises:
       CertificateViolation: an attack broke a certified example.
     """
     start = time.perf_counter()
-    result = certify(model, x, y, eps)
+    result = certify(model, x, y, eps) if result is None else result
     broken = np.flatnonzero(result.certified_ibp & ~survives)
     if broken.size:
         raise CertificateViolation(

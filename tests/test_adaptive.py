@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 import small_models
@@ -54,6 +55,31 @@ def test_checks_pass_on_an_honest_model_and_flag_a_masked_one(trained_mlp, mnist
         key = f"square-x{r['queries'] // SMALL['square_queries']}"
         assert fake["attacks"][key]["accuracy"] <= fake["attacks"]["square"]["accuracy"]
     assert fake["worst_case_accuracy"] <= min(r["accuracy"] for r in fake["attacks"].values())
+
+def test_square_gets_more_queries_only_where_no_certificate_settles_the_example(monkeypatch):
+    # Square fooled example 0, which PGD missed: the check doubles its queries on the examples robust
+    # so far (1-9), except the certified ones (2-5), which no query can fool.
+    n = 10
+    x, y = np.zeros((n, 28, 28, 1), np.float32), np.zeros(n, np.int64)
+    clean = np.ones(n, bool)
+    correct = {"pgd": np.ones(n, bool), "square": np.arange(n) > 0}
+    proven = np.isin(np.arange(n), [2, 3, 4, 5])
+    attacked = []
+
+    def fake_square(model, x, y, **kwargs):
+        attacked.append((kwargs["queries"], y.size))
+        return x
+    monkeypatch.setattr(adaptive, "square", fake_square)
+    recorded = {}
+
+    def record(key, kind, x_adv, seconds, **extra):
+        correct[key] = np.ones(n, bool)  # Nothing more fooled: the rounds stop after one.
+        recorded[key] = extra
+    config = adaptive.AdaptiveConfig(square_queries=100)
+    rounds = adaptive._escalate_square(None, x, y, x, EPS, config, clean, correct, record, proven)
+    assert attacked == [(200, 5)] and rounds == [{"queries": 200, "attacked": 5, "newly_fooled": 0}]
+    assert recorded["square-x2"]["attacked"] == 5 and "certified examples left out" in recorded["square-x2"]["description"]
+
 
 @pytest.mark.skipif(keras.backend.backend() == "jax", reason="backend-independent glue; saves a JAX start-up")
 def test_cli_writes_the_report_with_its_reproducing_command(trained_mlp, tmp_path):

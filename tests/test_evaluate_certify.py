@@ -82,7 +82,7 @@ def _adaptive(path, tmp_path):
 def test_the_adaptive_suite_checks_certificates_against_its_worst_case(polarized_checkpoint, tmp_path, monkeypatch):
     checked = []
     real = certify.checked_against_attacks
-    monkeypatch.setattr(certify, "checked_against_attacks", lambda *args: checked.append(args[-1]) or real(*args))
+    monkeypatch.setattr(certify, "checked_against_attacks", lambda *args, **kwargs: checked.append(args[-1]) or real(*args, **kwargs))
     (model,) = _adaptive(polarized_checkpoint, tmp_path)["models"]
     # Checked against the per-example worst case over every attack of the suite.
     (survives,) = checked
