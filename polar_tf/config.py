@@ -95,6 +95,10 @@ class Config:
       ibp_ramp_epochs: epochs over which eps rises linearly from 0 to ibp_eps and kappa from 1 to
         ibp_kappa_final, batch by batch (Gowal et al. 2018); None: half the certified epochs.
       ibp_kappa_final: kappa after the ramp (0.5, Gowal et al.).
+      init_from: a model file that the stage run (--stage=2 or 3) starts from in place of the
+        run folder's checkpoint of the stage before; e.g. --stage=3 --certified_training
+        --init_from=pretrained/mnist_polarized.keras trains with IBP after that model's clean
+        stage 3 (certified training as a 4th stage). None: the run folder's checkpoint.
     """
 
     dataset: str = choice("mnist", DATASETS)
@@ -126,6 +130,7 @@ class Config:
     ibp_warmup_epochs: int = 0
     ibp_ramp_epochs: int | None = None
     ibp_kappa_final: float = 0.5
+    init_from: str | None = None
 
     def __post_init__(self):
         check_choice("dataset", self.dataset, DATASETS)

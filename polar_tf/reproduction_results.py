@@ -113,6 +113,8 @@ def _training_kind(config: Config) -> str:
     if not config.certified_training:
         return "Madry et al. (PGD)" if config.model == "adversarial" else "the paper's schedule"
     where = "stage 3" if config.num_stages > 1 else f"all {config.total_epochs} epochs"
+    if config.init_from:
+        where += f", started from {config.init_from}"
     warmup = f" after {config.ibp_warmup_epochs} at eps 0" if config.ibp_warmup_epochs else ""
     return (f"IBP, {where}: eps 0 to {config.ibp_eps:g} and kappa 1 to {config.ibp_kappa_final:g} over "
             f"{config.ibp_ramp_epochs} epochs{warmup}")

@@ -52,6 +52,12 @@ def _optimizer(model: keras.Model, config: Config, previous: keras.optimizers.Op
 
 
 def _previous_checkpoint(config: Config, workdir: str, stage: int) -> str:
+    """The model file stage `stage` > 1 starts from: config.init_from, or the run folder's
+    checkpoint of the stage before."""
+    if config.init_from:
+        if not os.path.isfile(config.init_from):
+            raise run_dir.CheckpointError(f"init_from {config.init_from} does not exist")
+        return config.init_from
     path = run_dir.checkpoint_path(workdir, config, stage - 1)
     if not os.path.isfile(path):
         raise run_dir.CheckpointError(
@@ -70,9 +76,20 @@ def prepare_stage(config: Config, workdir: str, stage: int) -> keras.Model:
         previous = None
     else:
         model = run_dir.load_model(_previous_checkpoint(config, workdir, stage))
+        _check_same_front_end(model, config)
         previous = model.optimizer
     compile_for_stage(model, config, stage, previous)
     return model
+
+
+def _check_same_front_end(model: keras.Model, config: Config) -> None:
+    """A model loaded to start a stage has the front end `config` describes (init_from may name any file)."""
+    frontend = models.get_frontend(model)
+    if (frontend is None) != (config.model != "polarized") or (frontend is not None and not np.isclose(frontend.jump, config.jump)):
+        found = "no front end" if frontend is None else f"a front end with jump {frontend.jump:g}"
+        wanted = f"jump {config.jump:g}" if config.model == "polarized" else "no front end"
+        raise ValueError(f"{config.init_from or 'the checkpoint'} has {found}, but the run's config asks for "
+                         f"model {config.model!r} with {wanted}")
 
 
 def compile_for_stage(
@@ -302,6 +319,9 @@ def train_and_evaluate(
 
 def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str | None, verbose: int) -> keras.Model | None:
     stages = parse_stages(config, stage)
+    if config.init_from and stages[0] == 1:
+        raise ValueError(f"init_from replaces the checkpoint a stage starts from: it needs --stage=2 or 3. "
+                         f"Received: stage={stage!r}, init_from={config.init_from!r}")
     if stages[0] > 1:
         _previous_checkpoint(config, workdir, stages[0])  # Fail before loading any data.
     train, test = data.load_dataset(config.dataset, data_dir, config.train_examples)

@@ -264,6 +264,33 @@ def test_an_interrupted_certified_run_resumes_mid_ramp_to_the_same_weights(certi
     assert run_dir.MetricsLog(str(tmp_path / "metrics.jsonl")).read()[1]["ibp_eps"] == pytest.approx(0.3 * 0.75)
 
 
+def test_init_from_starts_the_certified_stage_from_another_model(certified_run, tmp_path, mnist_subset_dir, monkeypatch):
+    # Certified training as a 4th stage: stage 3 starts from a given model (here the certified run's
+    # stage-3 model, as a shipped clean stage 3 would be) in a folder that has no stage-2 checkpoint.
+    workdir, _ = certified_run
+    source = os.path.join(workdir, "stage3.keras")
+    config = Config(epochs_per_stage=2, train_examples=128, certified_training=True, ibp_ramp_epochs=2, init_from=source)
+    started = []
+    real = training.train_epoch
+    monkeypatch.setattr(training, "train_epoch", lambda model, *a, **k: started.append(
+        [_numpy(w).copy() for w in model.weights]) or real(model, *a, **k))
+    final = training.train_and_evaluate(config, str(tmp_path), "3", mnist_subset_dir)
+    for a, b in zip(started[0], run_dir.load_model(source).weights, strict=True):
+        np.testing.assert_array_equal(a, _numpy(b))
+    assert len(started) == 2 and not os.path.exists(tmp_path / "stage2.keras")
+    assert run_dir.read_config(str(tmp_path)).init_from == source
+    source_model = run_dir.load_model(source)
+    np.testing.assert_array_equal(_numpy(models.get_frontend(final).kernel), _numpy(models.get_frontend(source_model).kernel))
+
+    with pytest.raises(ValueError, match="needs --stage=2 or 3"):
+        training.train_and_evaluate(config, str(tmp_path / "all"), "all", mnist_subset_dir)
+    with pytest.raises(run_dir.CheckpointError, match="does not exist"):
+        training.train_and_evaluate(config.replace(init_from=str(tmp_path / "missing.keras")), str(tmp_path / "m"), "3",
+                                    mnist_subset_dir)
+    with pytest.raises(ValueError, match="with jump 0.5, but the run's config asks for model 'polarized' with jump 0.2"):
+        training.train_and_evaluate(config.replace(jump=0.2), str(tmp_path / "j"), "3", mnist_subset_dir)
+
+
 def test_epoch_summary_adds_the_ramp_and_the_certified_accuracy():
     record = {"epoch": 41, "stage": 3, "loss": 0.8, "fit_accuracy": 0.95, "saturate": True, "train_accuracy": 0.96,
               "test_accuracy": 0.95, "images_per_second": 700.0, "ibp_eps": 0.15, "ibp_kappa": 0.75,
