@@ -226,7 +226,7 @@ def further_markdown(further: dict, base: str) -> str:
             else:
                 cells.append(f"{100 * value:.2f}")
         near = trained.get("frac_within_eps_of_jump")
-        lines.append(f"| {model['dataset']} | {model['label']} | {trained.get('seed', '-')} | {trained.get('jump', '-')} | "
+        lines.append(f"| {model['dataset']} | {model['label']} | {trained.get('seed', '-')} | {'-' if trained.get('jump') is None else trained['jump']} | "
                      f"{trained.get('epochs', '-')} | {'-' if near is None else f'{100 * near:.1f}%'} | " + " | ".join(cells) + " |")
     lines += ["", "Evaluations:", ""] + [_source_line(source, base) for source in further["sources"]]
     return "\n".join(lines) + "\n"

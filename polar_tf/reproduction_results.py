@@ -103,7 +103,8 @@ def _trained(model_path: str) -> dict | None:
     if record is None:
         return None
     config, records = record
-    return {"model": config.model, "seed": config.seed, "jump": config.jump, "epochs": len(records),
+    return {"model": config.model, "seed": config.seed, "jump": config.jump if config.model == "polarized" else None,
+            "epochs": len(records),
             "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,
             "training": _training_kind(config)}
 

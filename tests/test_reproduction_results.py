@@ -24,3 +24,16 @@ def test_how_a_shipped_model_was_trained_is_read_from_the_files_beside_it(tmp_pa
     assert (summary["seed"], summary["epochs"], summary["train_seconds"], summary["figures"]) == (0, 1, 2.5, [])
     assert summary["command"] == ("python train.py --dataset=mnist --model=polarized --epochs_per_stage=1 "
                                   f"--train_examples=128 --workdir={workdir}")
+
+
+def test_a_model_is_described_by_its_own_settings_only(tmp_path):
+    # The jump belongs to a front end: a baseline has none, whatever its config's default says.
+    for model, jump in (("baseline", None), ("polarized", 0.5)):
+        stem = str(tmp_path / model)
+        run_dir.write_json(stem + ".config.json", Config(dataset="mnist", model=model).to_dict())
+        run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1})
+        assert reproduction_results._trained(stem + ".keras")["jump"] == jump
+    # Certified training started from another model says so.
+    config = Config(dataset="mnist", certified_training=True, init_from="pretrained/mnist_polarized.keras")
+    assert reproduction_results._training_kind(config) == (
+        "IBP, stage 3, started from pretrained/mnist_polarized.keras: eps 0 to 0.3 and kappa 1 to 0.5 over 10 epochs")
