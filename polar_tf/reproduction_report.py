@@ -242,8 +242,10 @@ def certified_markdown(runs: dict, base: str) -> str:
              "(`train.py --certified_training`) beside models trained without it, each evaluated by its own "
              "command (below). Accuracy (%): `PGD` with the table's protocol, `adaptive` the adaptive suite's "
              "per-example worst case (an upper bound on robust accuracy), `certified` the sound lower bound "
-             "(`evaluate.py --certify`, checked per example against every attack run); robust accuracy lies "
-             "between the two.", "",
+             "(`evaluate.py --certify`, checked per example against every attack run); on the same images "
+             "robust accuracy lies between the two. The adaptive suite runs on fewer images than the other "
+             "columns (its command says how many): where it certified too, its cell gives the certified "
+             "accuracy on its own images beside its worst case.", "",
              "| dataset | eps | model | training | epochs | clean | PGD | adaptive | certified |",
              "|---|---|---|---|---|---|---|---|---|"]
     for model in sorted(runs["models"], key=lambda m: m["dataset"]):
@@ -251,6 +253,8 @@ def certified_markdown(runs: dict, base: str) -> str:
         cells = [f"{100 * accuracy[c]:.2f}" if c in accuracy else "-" for c in ("clean", "pgd", "adaptive", "certified")]
         if "adaptive" in accuracy and model.get("adaptive_budgets") != "AutoAttack's":
             cells[2] += " (reduced budgets)"
+        if "adaptive" in accuracy and "adaptive_certified" in model:
+            cells[2] += f" (first {model['adaptive_examples']}: {100 * model['adaptive_certified']:.2f} certified)"
         eps = "-" if model.get("eps") is None else f"{model['eps']:g}"
         lines.append(f"| {model['dataset']} | {eps} | {model['label']} | {trained.get('training', '-')} | "
                      f"{trained.get('epochs', '-')} | " + " | ".join(cells) + " |")

@@ -90,6 +90,9 @@ def further_runs(folders: tuple[str, ...]) -> dict:
             if "worst_case_accuracy" in record:  # the adaptive suite
                 model["accuracy"]["adaptive"] = record["worst_case_accuracy"]
                 model["adaptive_budgets"] = results_md.budget_note(results)
+                model["adaptive_examples"] = results["num_examples"]
+                if (certified := results_md.certified_at(record, results.get("eps"))) is not None:
+                    model["adaptive_certified"] = certified[1]  # on the adaptive suite's own images
             else:
                 model["accuracy"].update(record["accuracy"], clean=record["clean_accuracy"])
                 if record.get("certified"):
