@@ -106,8 +106,11 @@ def _trained(model_path: str) -> dict | None:
     if record is None:
         return None
     config, records = record
+    epochs = len(records)
+    if config.init_from and (start := run_dir.run_record(config.init_from)) is not None:
+        epochs += len(start[1])  # The epochs of the model it started from.
     return {"model": config.model, "seed": config.seed, "jump": config.jump if config.model == "polarized" else None,
-            "epochs": len(records),
+            "epochs": epochs,
             "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,
             "training": _training_kind(config)}
 

@@ -33,7 +33,13 @@ def test_a_model_is_described_by_its_own_settings_only(tmp_path):
         run_dir.write_json(stem + ".config.json", Config(dataset="mnist", model=model).to_dict())
         run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1})
         assert reproduction_results._trained(stem + ".keras")["jump"] == jump
-    # Certified training started from another model says so.
-    config = Config(dataset="mnist", certified_training=True, init_from="pretrained/mnist_polarized.keras")
+    # Certified training started from another model says so, and counts that model's epochs too.
+    source = str(tmp_path / "polarized.keras")
+    config = Config(dataset="mnist", certified_training=True, init_from=source)
     assert reproduction_results._training_kind(config) == (
-        "IBP, stage 3, started from pretrained/mnist_polarized.keras: eps 0 to 0.3 and kappa 1 to 0.5 over 10 epochs")
+        f"IBP, stage 3, started from {source}: eps 0 to 0.3 and kappa 1 to 0.5 over 10 epochs")
+    stem = str(tmp_path / "follow")
+    run_dir.write_json(stem + ".config.json", config.to_dict())
+    for epoch in (40, 41):
+        run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": epoch, "stage": 3})
+    assert reproduction_results._trained(stem + ".keras")["epochs"] == 1 + 2
