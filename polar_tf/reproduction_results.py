@@ -122,6 +122,9 @@ def _training_kind(config: Config) -> str:
     where = "stage 3" if config.num_stages > 1 else f"all {config.total_epochs} epochs"
     if config.init_from:
         where += f", started from {config.init_from}"
+    if config.num_stages > 1 and (changed := [f"{name} {getattr(config, name):g}" for name in ("sigma1", "sigma2", "reg_max_weight")
+                                              if getattr(config, name) != Config.__dataclass_fields__[name].default]):
+        where += f" (stages 1-2 with {', '.join(changed)})"
     warmup = f" after {config.ibp_warmup_epochs} at eps 0" if config.ibp_warmup_epochs else ""
     return (f"IBP, {where}: eps 0 to {config.ibp_eps:g} and kappa 1 to {config.ibp_kappa_final:g} over "
             f"{config.ibp_ramp_epochs} epochs{warmup}")
