@@ -213,6 +213,43 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     return parse
 
 
+class Interrupts:
+    """Ctrl-C and SIGTERM as KeyboardInterrupt, remembering which came.
+
+    Installed, SIGINT and SIGTERM both raise KeyboardInterrupt, as Ctrl-C does. `received` lists the
+    signals that came: an interrupt that lands inside a C extension's callback can come out of it as
+    that extension's own error (matplotlib's path code turns it into "ValueError: Invalid affine
+    transformation matrix"), and `was_interrupted(error)` tells such an error from a real one.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def _raise(self, signum, frame) -> None:
+        self.received.append(signum)
+        raise KeyboardInterrupt
+
+    def install(self) -> "Interrupts":
+        """Handles both signals, except an ignored SIGINT (a job started with `&`), which stays ignored."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM:
+                self._previous[signum] = signal.signal(signum, self._raise)
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def was_interrupted(self, error: BaseException) -> bool:
+        return isinstance(error, KeyboardInterrupt) or bool(self.received)
+
+    @property
+    def signal(self) -> int:
+        """The signal of the interrupt (SIGINT when none came: a KeyboardInterrupt raised by hand)."""
+        return self.received[-1] if self.received else signal.SIGINT
+
+
 def run_main(program: str, body: Callable[[], None]) -> None:
     """Runs `body` and turns what a user can cause into one line on stderr, without a traceback.
 
@@ -220,17 +257,14 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     Ctrl-C exits 130 (128 + SIGINT, as a shell reports it) with `<program>: interrupted`, followed
     by what was kept if the interrupted code says so. SIGTERM (`kill`, a scheduler preempting the
     job; a job started with `&` ignores SIGINT) is an interrupt too, and exits 143 (128 + SIGTERM).
-    What `body` wrote before is kept: files are written atomically. Attacks show their progress
-    bars (`polar_tf.progress`).
+    An error raised after an interrupt came is the interrupt's doing (`Interrupts`) and is reported
+    as the interrupt. What `body` wrote before is kept: files are written atomically. Attacks show
+    their progress bars (`polar_tf.progress`).
     """
     from polar_tf import progress  # Here, not at the top: it imports Keras.
 
     interrupted = False
-    received = [signal.SIGINT]  # the signal of the interrupt, sent again if Python drops it
-
-    def terminate(signum, frame) -> None:
-        received[0] = signal.SIGTERM
-        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+    interrupts = Interrupts()
 
     def unraisable(info) -> None:
         # Python drops an exception raised in a __del__ or a weakref callback ("Exception ignored
@@ -240,23 +274,24 @@ def run_main(program: str, body: Callable[[], None]) -> None:
         if interrupted:
             return
         if issubclass(info.exc_type, KeyboardInterrupt):
-            threading.Timer(0.05, os.kill, (os.getpid(), received[0])).start()
+            threading.Timer(0.05, os.kill, (os.getpid(), interrupts.signal)).start()
         else:
             previous(info)
 
     progress.enable()
     previous, sys.unraisablehook = sys.unraisablehook, unraisable
-    previous_term = signal.signal(signal.SIGTERM, terminate)
+    interrupts.install()
     try:
         body()
-    except (ValueError, OSError, ArithmeticError) as e:
-        sys.exit(f"{program}: error: {one_line(e)}")
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, ValueError, OSError, ArithmeticError) as e:
+        if not interrupts.was_interrupted(e):
+            sys.exit(f"{program}: error: {one_line(e)}")
         interrupted = True
-        print(f"{program}: interrupted" + (f"; {one_line(e)}" if str(e) else ""), file=sys.stderr)
-        sys.exit(128 + received[0])
+        said = one_line(e) if isinstance(e, KeyboardInterrupt) and str(e) else ""
+        print(f"{program}: interrupted" + (f"; {said}" if said else ""), file=sys.stderr)
+        sys.exit(128 + interrupts.signal)
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        interrupts.restore()
         if not interrupted:  # After Ctrl-C the hook stays for the exit.
             sys.unraisablehook = previous
 

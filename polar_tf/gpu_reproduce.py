@@ -200,8 +200,7 @@ def run_unit(unit: Unit, settings: Settings) -> None:
 def work(settings: Settings) -> int:
     """The worker's loop: a unit id per line on stdin; a JSON line per unit on the original stdout
     (whatever else is printed goes to stderr, the log). Ctrl-C ends it, answering "stopped"."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # saves what it finished, as Ctrl-C does
+    interrupts = cli.Interrupts().install()  # SIGTERM saves what it finished, as Ctrl-C does
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     logging.set_verbosity(logging.INFO)
@@ -213,6 +212,8 @@ def work(settings: Settings) -> int:
             try:
                 run_unit(unit, settings)
             except Exception as e:  # noqa: BLE001  (one unit's failure is reported; the others go on)
+                if interrupts.was_interrupted(e):  # the interrupt, come out of a C extension as its error
+                    raise KeyboardInterrupt from e
                 traceback.print_exc()
                 reply = {"unit": unit.id, "status": "failed", "error": cli.one_line(e)}
             channel.write(json.dumps({**reply, "seconds": time.perf_counter() - started}) + "\n")

@@ -265,3 +265,40 @@ def test_ctrl_c_that_python_drops_in_a_destructor_is_delivered_again(monkeypatch
         progress.enable(bars)  # run_main turns the progress bars on.
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "prog: interrupted\n"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_that_a_c_extension_turns_into_its_own_error_is_reported_as_the_interrupt(
+        monkeypatch, capsys, signum, code):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # run_main keeps its hook after Ctrl-C.
+
+    def body():
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(30)
+        except KeyboardInterrupt:  # As matplotlib's path code does with an interrupt in its callback:
+            raise ValueError("Invalid affine transformation matrix") from None
+        raise AssertionError("the signal did not interrupt")
+
+    previous, bars = signal.signal(signal.SIGINT, signal.default_int_handler), progress.enabled()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main("prog", body)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.enable(bars)
+    assert exit_.value.code == code
+    assert capsys.readouterr().err == "prog: interrupted\n"
+
+
+def test_an_error_without_an_interrupt_is_still_an_error(capsys):
+    def body():
+        raise ValueError("Invalid affine transformation matrix")
+
+    bars = progress.enabled()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main("prog", body)
+    finally:
+        progress.enable(bars)
+    assert exit_.value.code == "prog: error: Invalid affine transformation matrix"
