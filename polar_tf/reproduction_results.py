@@ -127,7 +127,7 @@ def _training_kind(config: Config) -> str:
         where += f" (stages 1-2 with {', '.join(changed)})"
     warmup = f" after {config.ibp_warmup_epochs} at eps 0" if config.ibp_warmup_epochs else ""
     return (f"IBP, {where}: eps 0 to {config.ibp_eps:g} and kappa 1 to {config.ibp_kappa_final:g} over "
-            f"{config.ibp_ramp_epochs} epochs{warmup}")
+            f"{config.ibp_ramp_epochs} of {config.certified_epochs} epochs{warmup}")
 
 
 def training_summary(model_path: str, workdir: str, results_dir: str) -> dict:

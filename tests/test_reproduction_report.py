@@ -76,7 +76,7 @@ def test_certified_section_puts_each_models_bounds_side_by_side_and_fills_its_re
     text = reproduction_report.certified_markdown(reproduction_results.further_runs((str(tmp_path / "table"), str(tmp_path / "adaptive"))),
                                         str(tmp_path))
     rows = text.splitlines()
-    assert ("| mnist | 0.3 | ibp/stage3 | IBP, stage 3: eps 0 to 0.3 and kappa 1 to 0.5 over 5 epochs | 60 | 98.00 | 92.00 "
+    assert ("| mnist | 0.3 | ibp/stage3 | IBP, stage 3: eps 0 to 0.3 and kappa 1 to 0.5 over 5 of 20 epochs | 60 | 98.00 | 92.00 "
             "| 90.00 (first 200: 85.00 certified) | 87.50 |") in rows
     assert "| mnist | 0.3 | plain/stage3 | the paper's schedule | 60 | 99.00 | 75.00 | - | 0.00 |" in rows
     assert "- `python evaluate.py --certify` (1000 test images (PGD: the first 100), budgets the paper's, 60 s;" in text

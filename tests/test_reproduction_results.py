@@ -37,9 +37,9 @@ def test_a_model_is_described_by_its_own_settings_only(tmp_path):
     source = str(tmp_path / "polarized.keras")
     config = Config(dataset="mnist", certified_training=True, init_from=source)
     assert reproduction_results._training_kind(config) == (
-        f"IBP, stage 3, started from {source}: eps 0 to 0.3 and kappa 1 to 0.5 over 10 epochs")
+        f"IBP, stage 3, started from {source}: eps 0 to 0.3 and kappa 1 to 0.5 over 10 of 20 epochs")
     assert reproduction_results._training_kind(Config(dataset="mnist", certified_training=True, sigma2=0.3)) == (
-        "IBP, stage 3 (stages 1-2 with sigma2 0.3): eps 0 to 0.3 and kappa 1 to 0.5 over 10 epochs")
+        "IBP, stage 3 (stages 1-2 with sigma2 0.3): eps 0 to 0.3 and kappa 1 to 0.5 over 10 of 20 epochs")
     stem = str(tmp_path / "follow")
     run_dir.write_json(stem + ".config.json", config.to_dict())
     for epoch in (40, 41):
