@@ -90,6 +90,12 @@ def check_gradient_free(correct_square: np.ndarray, correct_gradient: dict[str, 
                   more_queries=list(escalation), examples=n, verdict=verdict)
 
 
+def earlier_rule(check: dict[str, Any]) -> bool:
+    """Whether a stored check is the gradient-free one as an earlier version of the suite wrote it,
+    before the paired comparison with the best gradient attack: its verdict is that rule's."""
+    return check["name"] == "gradient_free_vs_gradient" and "fooled_by_square_not_best" not in check
+
+
 def check_iterative(single_step: dict[str, float], iterative: dict[str, float], n: int) -> dict[str, Any]:
     """The best iterative attack must be at least as strong as the single-step one."""
     best = min(iterative, key=iterative.get)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from polar_tf import report, results_md
+from polar_tf import masking_checks, report, results_md
 from polar_tf.config import DEFAULT_JUMP, LEGACY_VALUES
 from polar_tf.reproduction_protocol import COLUMNS, EVALUATIONS, ROWS, TOLERANCE, Protocol
 
@@ -63,6 +63,10 @@ def _dataset_section(result: dict, protocol: Protocol, base: str, title: str = "
     failed = [f"{m['label']}: {c['name']}" for m in suite["models"] for c in m["checks"] if c["status"] != "pass"]
     lines += ["", "Adaptive-suite sanity checks: " + ("all pass." if not failed else "warnings on " + "; ".join(failed)
               + f" (see {os.path.relpath(os.path.join(suite['output_dir'], 'results.md'), base)}).")]
+    if earlier := [m["label"] for m in suite["models"] if any(masking_checks.earlier_rule(c) for c in m["checks"])]:
+        lines[-1] += (f" The gradient-free check of {', '.join(earlier)} is an earlier rule's verdict, written before "
+                      "it compared Square with the best gradient attack example by example; the numbers it kept "
+                      "cannot give the current verdict: rerun the suite for it.")
     plot = os.path.join(result["sweep"]["output_dir"], "accuracy_vs_eps.png")
     lines += ["", f"![accuracy against eps, {dataset}]({os.path.relpath(plot, base)})", "",
               "| run | command | seed | epochs | wall time | final test acc |", "|---|---|---|---|---|---|"]

@@ -49,3 +49,13 @@ def test_check_verdicts_on_hand_built_numbers():
     assert masking_checks.check_iterative({"fgsm": 0.2}, {"pgd": 0.6}, 1000)["status"] == "warn"
     assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.5}, 1000)["status"] == "pass"
     assert masking_checks.check_noise(0.9, {"pgd": 0.1, "fgsm": 0.9}, 1000)["status"] == "warn"
+
+
+def test_a_gradient_free_check_written_before_the_paired_rule_is_told_apart():
+    current = masking_checks.check_gradient_free(np.ones(10, bool), {"pgd": np.ones(10, bool)})
+    assert not masking_checks.earlier_rule(current)
+    # As an earlier suite stored it: the unpaired counts only (results/reproduction/*_adaptive).
+    stored = {"name": "gradient_free_vs_gradient", "status": "pass", "square_accuracy": 0.33,
+              "best_gradient_accuracy": 0.39, "fooled_only_by_square": 13, "examples": 200}
+    assert masking_checks.earlier_rule(stored)
+    assert not masking_checks.earlier_rule(masking_checks.check_noise(0.9, {"pgd": 0.1}, 1000))
