@@ -106,9 +106,11 @@ def _trained(model_path: str) -> dict | None:
     if record is None:
         return None
     config, records = record
-    epochs = len(records)
-    if config.init_from and (start := run_dir.run_record(config.init_from)) is not None:
-        epochs += len(start[1])  # The epochs of the model it started from.
+    epochs, seen, start = len(records), {model_path}, config
+    # The epochs of the model it started from, and of the one that one started from, and so on.
+    while start.init_from and start.init_from not in seen and (before := run_dir.run_record(start.init_from)):
+        seen.add(start.init_from)
+        start, epochs = before[0], epochs + len(before[1])
     return {"model": config.model, "seed": config.seed, "jump": config.jump if config.model == "polarized" else None,
             "epochs": epochs,
             "frac_within_eps_of_jump": records[-1].get("frac_within_eps_of_jump") if records else None,

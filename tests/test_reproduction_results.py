@@ -45,3 +45,8 @@ def test_a_model_is_described_by_its_own_settings_only(tmp_path):
     for epoch in (40, 41):
         run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": epoch, "stage": 3})
     assert reproduction_results._trained(stem + ".keras")["epochs"] == 1 + 2
+    # A chain (started from a model that itself started from another) counts every link once.
+    again = str(tmp_path / "again")
+    run_dir.write_json(again + ".config.json", Config(dataset="mnist", certified_training=True, init_from=stem + ".keras").to_dict())
+    run_dir.MetricsLog(again + ".metrics.jsonl").append({"epoch": 42, "stage": 3})
+    assert reproduction_results._trained(again + ".keras")["epochs"] == 1 + 2 + 1
