@@ -233,8 +233,9 @@ class Interrupts:
     def install(self) -> "Interrupts":
         """Handles both signals, except an ignored SIGINT (a job started with `&`), which stays ignored."""
         for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM:
-                self._previous[signum] = signal.signal(signum, self._raise)
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue
+            self._previous[signum] = signal.signal(signum, self._raise)
         return self
 
     def restore(self) -> None:
