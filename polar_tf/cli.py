@@ -246,7 +246,7 @@ class Interrupts:
         return isinstance(error, KeyboardInterrupt) or bool(self.received)
 
     @property
-    def signal(self) -> int:
+    def last_signal(self) -> int:
         """The signal of the interrupt (SIGINT when none came: a KeyboardInterrupt raised by hand)."""
         return self.received[-1] if self.received else signal.SIGINT
 
@@ -275,7 +275,7 @@ def run_main(program: str, body: Callable[[], None]) -> None:
         if interrupted:
             return
         if issubclass(info.exc_type, KeyboardInterrupt):
-            threading.Timer(0.05, os.kill, (os.getpid(), interrupts.signal)).start()
+            threading.Timer(0.05, os.kill, (os.getpid(), interrupts.last_signal)).start()
         else:
             previous(info)
 
@@ -290,7 +290,7 @@ def run_main(program: str, body: Callable[[], None]) -> None:
         interrupted = True
         said = one_line(e) if isinstance(e, KeyboardInterrupt) and str(e) else ""
         print(f"{program}: interrupted" + (f"; {said}" if said else ""), file=sys.stderr)
-        sys.exit(128 + interrupts.signal)
+        sys.exit(128 + interrupts.last_signal)
     finally:
         interrupts.restore()
         if not interrupted:  # After Ctrl-C the hook stays for the exit.
