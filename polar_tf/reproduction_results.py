@@ -162,6 +162,8 @@ def training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
         "train_seconds": sum(r["epoch_seconds"] for r in records),
         "command": report.train_command(config, workdir),
         "final_test_accuracy": records[-1]["test_accuracy"] if records else None,
+        "final_train_accuracy": records[-1].get("train_accuracy") if records else None,
+        "final_fit_accuracy": records[-1].get("fit_accuracy") if records else None,
     }
 
 
