@@ -172,7 +172,8 @@ def _gap_notes(result: dict, protocol: Protocol) -> list[str]:
             facts.append(f"on PGD examples of {trained['adv_steps']} steps (full: {full.adv_steps}), eps ramped up over "
                          f"{trained['adv_warmup_epochs']} epochs (full: {full.adv_warmup_epochs})")
         if trained.get("final_train_accuracy") is not None:
-            fact = f"at its last epoch it classified {100 * trained['final_train_accuracy']:.1f}% of the clean training images correctly"
+            fact = (f"at its last epoch it classified {100 * trained['final_train_accuracy']:.1f}% of the first "
+                    f"{trained['train_accuracy_examples']:,} training images correctly")
             if trained["adv_steps"] is not None and trained.get("final_fit_accuracy") is not None:
                 fact += f" and {100 * trained['final_fit_accuracy']:.1f}% of its PGD training examples (mean over the epoch)"
             facts.append(fact)

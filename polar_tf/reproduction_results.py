@@ -13,7 +13,7 @@ import shutil
 
 from absl import logging
 
-from polar_tf import report, results_md, run_dir
+from polar_tf import report, results_md, run_dir, training
 from polar_tf.config import Config
 from polar_tf.results_dir import finished_results  # (`results_dir` names a folder here)
 from polar_tf.reproduction_protocol import (EVALUATIONS, ROWS, Protocol, evaluation_configs, evaluation_dir,
@@ -163,6 +163,7 @@ def training_summary(model_path: str, workdir: str, results_dir: str) -> dict:
         "command": report.train_command(config, workdir),
         "final_test_accuracy": records[-1]["test_accuracy"] if records else None,
         "final_train_accuracy": records[-1].get("train_accuracy") if records else None,
+        "train_accuracy_examples": min(training.TRAIN_EVAL_EXAMPLES, config.train_examples or training.TRAIN_EVAL_EXAMPLES),
         "final_fit_accuracy": records[-1].get("fit_accuracy") if records else None,
     }
 

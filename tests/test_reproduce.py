@@ -72,7 +72,7 @@ def test_tiny_reproduction_writes_report_and_pretrained_models_and_resumes(tmp_p
     assert "- **adversarial training** (" in text and "trained 6 epochs (full schedule: 60); on PGD examples of 2 steps (full: 40)" in text
     # How well it fit its training data at the end, from its own metrics: underfitting shows there.
     last = run_dir.MetricsLog(os.path.join(root, "mnist_adversarial", "metrics.jsonl")).read()[-1]
-    assert (f"at its last epoch it classified {100 * last['train_accuracy']:.1f}% of the clean training images correctly "
+    assert (f"at its last epoch it classified {100 * last['train_accuracy']:.1f}% of the first 128 training images correctly "
             f"and {100 * last['fit_accuracy']:.1f}% of its PGD training examples (mean over the epoch)") in text
     outputs = [os.path.join(results, f"mnist_{name}", "results.json") for name in reproduction_protocol.EVALUATIONS]
     before = [os.path.getmtime(p) for p in outputs]
