@@ -13,7 +13,8 @@ the one the model was trained on (another needs --allow_dataset_mismatch). The d
 paper's protocol (`EvalConfig`); --quick cuts it to a one-minute try. --suite=adaptive runs
 `polar_tf.adaptive` (`AdaptiveConfig`; its PGD: --pgd_steps, --pgd_restarts) into <output folder>/adaptive/.
 The setting flags are those configs' fields; one of the other suite is refused (`polar_tf.suites`).
-Ctrl-C keeps finished attacks in results.partial.json; the same command then continues.
+Ctrl-C keeps finished attacks in results.partial.json; the same command then continues (with the
+models finished; the adaptive suite also with the attacks finished on the model in progress).
 TensorFlow's start-up logs are hidden (POLAR_TF_VERBOSE=1 shows them). Bad flags and values end
 with one line `evaluate.py: error: ...` (exit 1), Ctrl-C with `evaluate.py: interrupted` (exit 130).
 """

@@ -14,7 +14,10 @@ first (it traces the shapes a short run takes). Prints per run the wall and CPU 
 process, the queries used (the forward passes whose output the attack uses, the clean one
 included) per wall second and per CPU second, the rows the compiled calls computed (replayed
 from the queries spent: `rows_computed`), and how many examples' results differ from the
-baseline's.
+baseline's. With `--draw_examples`, it also times the host's part of an iteration for that many
+examples, drawing the squares proposed (`square.proposal_draws` once per `SYNC_EVERY` iterations
+and `square.proposals`; a baseline without `proposal_draws` drew each iteration's with
+`proposals(seed, iteration, rows, side, height, channels)`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ flags.DEFINE_integer("examples", 200, "First test images attacked.")
 flags.DEFINE_float("eps", 0.1, "L-inf radius.")
 flags.DEFINE_integer("queries", 5000, "Query budget per example.")
 flags.DEFINE_integer("repeats", 1, "Timed runs of each implementation (alternating); medians are reported.")
+flags.DEFINE_integer("draw_examples", 0, "Also time drawing the squares for this many examples (0: not).")
 flags.DEFINE_string("baseline", None, "Path to another commit's polar_tf/square.py to compare with.")
 FLAGS = flags.FLAGS
 
@@ -84,6 +88,19 @@ def _timed(module, model, x, y):
     return x_adv, spent, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def draw_milliseconds(module, examples: int, iterations: int = 200) -> float:
+    """Host milliseconds per iteration to draw the squares proposed to `examples` examples."""
+    rows, start = np.arange(examples), time.perf_counter()
+    for i in range(iterations):
+        if hasattr(module, "proposal_draws"):
+            if i % module.SYNC_EVERY == 0:
+                draws = module.proposal_draws(0, i, rows, 1)
+            module.proposals(draws, i, 3, 28)
+        else:
+            module.proposals(0, i, rows, 3, 28, 1)
+    return (time.perf_counter() - start) / iterations * 1000
+
+
 def main(argv):
     del argv
     model = run_dir.load_model(FLAGS.model, compile=False)
@@ -94,6 +111,11 @@ def main(argv):
         modules = {"baseline": _load_baseline(FLAGS.baseline), **modules}
     print(f"{backend.name()} on {backend.device_description()}; load average {os.getloadavg()[0]:.1f} at the start")
     print(f"{FLAGS.examples} images, eps {FLAGS.eps:g}, {FLAGS.queries} queries each")
+    if FLAGS.draw_examples:
+        for name, module in modules.items():
+            ms = statistics.median(draw_milliseconds(module, FLAGS.draw_examples) for _ in range(5))
+            print(f"{name}: drawing the squares for {FLAGS.draw_examples} examples: {ms:.2f} ms per iteration "
+                  "(median of 5 runs of 200 iterations)")
     for module in modules.values():
         module.square(model, x, y, eps=FLAGS.eps, queries=100)  # traces
     runs = {name: [] for name in modules}
@@ -105,7 +127,7 @@ def main(argv):
                   f"{spent.sum() / wall:,.0f} queries/s, {spent.sum() / cpu:,.0f} per CPU-second, "
                   f"{int(np.sum(spent == FLAGS.queries))} examples at the budget", flush=True)
             rows = rows_computed(spent, FLAGS.queries, min(backend.default_attack_batch_size(), len(x)),
-                                 compacted=name == "current")
+                                 compacted=hasattr(module, "layout"))
             print(f"  rows computed, padding included: {rows} ({rows / np.sum(spent - 1):.2f} per query after the "
                   "clean one)")
             if name == "baseline":

@@ -108,11 +108,17 @@ def evaluate_adaptive(model_paths: Sequence[str], config: AdaptiveConfig, output
     })
     labels = report.unique_labels([report.model_label(p) for p in paths])
     earlier = results["total_seconds"] = results_dir.resume_partial(output_dir, paths, config, results)
+    kept = results_dir.unfinished_model(output_dir, paths, config)
     for path, label, model in list(zip(paths, labels, loaded))[len(results["models"]):]:
-        runs: dict[str, dict[str, Any]] = {}  # filled attack by attack, kept if interrupted
-        unfinished = {"label": label, "path": os.path.abspath(path), "attacks": runs}
+        # Filled attack by attack, kept if interrupted; an interrupted run's finished attacks are taken over.
+        progress = {"attacks": kept["attacks"], "correct": kept["correct"]} if kept else {"attacks": {}, "correct": {}}
+        if kept:
+            logging.info("Resuming %s on %s: %d attacks finished before", output_dir, label, len(kept["correct"]))
+            earlier += sum(run["seconds"] for key, run in kept["attacks"].items() if key in kept["correct"])
+            kept = None
+        unfinished = {"label": label, "path": os.path.abspath(path), "sha256": report.fingerprint(path), **progress}
         with results_dir.keep_on_interrupt(output_dir, results, unfinished):
-            results["models"].append(evaluate_model(model, label, x, y, config, x_transfer, path, runs))
+            results["models"].append(evaluate_model(model, label, x, y, config, x_transfer, path, progress))
         results["total_seconds"] = earlier + time.perf_counter() - started
     os.makedirs(output_dir, exist_ok=True)
     results_dir.write_results(output_dir, results, adaptive_markdown(results))
@@ -133,7 +139,7 @@ def evaluate_model(
     config: AdaptiveConfig,
     x_transfer: np.ndarray | None = None,
     path: str | None = None,
-    runs: dict[str, dict[str, Any]] | None = None,
+    progress: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every attack, the worst case and the sanity checks on one model (results.json's record).
 
@@ -144,7 +150,10 @@ def evaluate_model(
       config: the settings (`config.eps` is the attack size).
       x_transfer: adversarial examples made on another model, if any.
       path: the model's file, recorded.
-      runs: a dict that receives each attack's record as it finishes (a new one if None).
+      progress: {"attacks": {key: record}, "correct": {key: per-example outcome, packed}} that
+        receives each attack as it finishes (what an interrupt keeps; a new one if None). Attacks
+        it already holds with their outcomes, an interrupted run's (`results_dir.unfinished_model`),
+        are taken over, not run again; the model's record lists them as "resumed_attacks".
     """
     model_started = time.perf_counter()
     eps = float(config.eps)
@@ -152,32 +161,55 @@ def evaluate_model(
     targets = {b: attacks.with_backward(model, b, config.steepness) for b in backwards}
     clean = models.correct(model, x, y)
     logging.info("%s: clean accuracy %.4f on %d images", label, clean.mean(), len(x))
-    runs = {} if runs is None else runs
+    progress = {"attacks": {}, "correct": {}} if progress is None else progress
+    runs, packed = progress["attacks"], progress["correct"]
+    kept = {key: runs.pop(key) for key in list(runs) if key in packed}  # (a record without outcomes runs again)
+    runs.clear()
     correct: dict[str, np.ndarray] = {}
+    resumed: list[str] = []
 
-    def record(key, kind, x_adv, seconds, backward=None, **extra):
-        attacks.check_adversarial(x_adv, x, eps)
-        correct[key] = models.correct(model, x_adv, y)
+    def resume(key) -> bool:
+        """Takes attack `key` over from the interrupted run, in the order the attacks run; False if it has none."""
+        if key not in kept:
+            return False
+        runs[key], correct[key] = kept.pop(key), results_dir.unpack_correct(packed[key], len(x))
+        resumed.append(key)
+        return True
+
+    def record(key, kind, x_adv, seconds, backward=None, rows=None, base=None, **extra):
+        """Records attack `key`; x_adv are the images of x[rows] (None: all of x), and elsewhere the
+        outcome of attack `base` counts (Square's further rounds, on the examples still robust)."""
+        attacks.check_adversarial(x_adv, x if rows is None else x[rows], eps)
+        if rows is None:
+            correct[key] = models.correct(model, x_adv, y)
+        else:
+            correct[key] = correct[base].copy()
+            correct[key][rows] = models.correct(model, x_adv, y[rows])
+            extra["newly_fooled"] = int(np.sum(~correct[key][rows]))
+        packed[key] = results_dir.pack_correct(correct[key])
         runs[key] = {"attack": kind, "backward": backward, "accuracy": float(correct[key].mean()),
                      "seconds": seconds, "description": describe(kind, config, eps), **extra}
         logging.info("%s: %s accuracy %.4f (%.1f s)", label, key, runs[key]["accuracy"], seconds)
 
     for backward, target in targets.items():
         for name in GRADIENT_ATTACKS:
-            x_adv, seconds = _timed(lambda: run_gradient_attack(name, target, x, y, eps, config))
-            record(_key(name, backward, len(targets)), name, x_adv, seconds, backward)
-    (x_adv, queries), seconds = _timed(lambda: square(
-        model, x, y, eps=eps, queries=config.square_queries, p_init=config.square_p_init, seed=config.seed,
-        batch_size=config.batch_size, return_queries=True,
-    ))
-    record("square", "square", x_adv, seconds, queries_mean=float(queries.mean()), queries_max=int(queries.max()))
+            if not resume(key := _key(name, backward, len(targets))):
+                x_adv, seconds = _timed(lambda: run_gradient_attack(name, target, x, y, eps, config))
+                record(key, name, x_adv, seconds, backward)
+    if not resume("square"):
+        (x_adv, queries), seconds = _timed(lambda: square(
+            model, x, y, eps=eps, queries=config.square_queries, p_init=config.square_p_init, seed=config.seed,
+            batch_size=config.batch_size, return_queries=True,
+        ))
+        record("square", "square", x_adv, seconds, queries_mean=float(queries.mean()), queries_max=int(queries.max()))
     certificate, certify_seconds = _timed(lambda: certify.certify(model, x, y, eps)) if config.certify else (None, 0.0)
     proven = certificate.certified_ibp if certificate is not None else np.zeros(len(x), bool)
-    escalation = _escalate_square(model, x, y, x_adv, eps, config, clean, correct, record, proven)
-    if x_transfer is not None:
+    escalation = _escalate_square(model, x, y, eps, config, clean, correct, runs, record, resume, proven)
+    if x_transfer is not None and not resume("transfer"):
         record("transfer", "transfer", x_transfer, 0.0, source=config.transfer_from)
-    x_adv, seconds = _timed(lambda: random_noise(x, eps, config.seed))
-    record("noise", "noise", x_adv, seconds)
+    if not resume("noise"):
+        x_adv, seconds = _timed(lambda: random_noise(x, eps, config.seed))
+        record("noise", "noise", x_adv, seconds)
 
     robust = worst_case(clean, correct)
     for key in runs:  # Examples that this attack alone breaks: what the worst case would lose without it.
@@ -199,11 +231,14 @@ def evaluate_model(
     if config.certify:
         record["certified"] = [certify.checked_against_attacks(model, label, x, y, eps, robust, result=certificate)]
         record["certified"][0]["seconds"] += certify_seconds
-    record["seconds"] = time.perf_counter() - model_started
+    if resumed:
+        record["resumed_attacks"] = resumed
+    # Its attacks taken over count with the seconds they took then.
+    record["seconds"] = time.perf_counter() - model_started + sum(runs[key]["seconds"] for key in resumed)
     return record
 
 
-def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, clean, correct, record,
+def _escalate_square(model, x, y, eps: float, config: AdaptiveConfig, clean, correct, runs, record, resume,
                      proven: np.ndarray) -> list[dict[str, Any]]:
     """Gives Square more queries while they pay: a gradient-free attack that fools what every
     gradient attack missed, or keeps gaining with budget, is the sign of masked gradients, and its
@@ -212,35 +247,35 @@ def _escalate_square(model, x, y, x_square, eps: float, config: AdaptiveConfig, 
     While the last Square run fooled examples that no gradient attack fooled, Square runs again
     with twice the queries (and new random squares) on the examples robust under every attack so
     far, at most `MAX_SQUARE_DOUBLINGS` times; each run is recorded as attack "square-x2", "-x4", ...,
-    its images those of the run before where it did not attack (`x_square`: the first run's).
-    Examples in `proven` (certified robust) are left out of those runs: no query can fool them,
-    and on a certifiably trained model they are most of the robust ones. The certificate is still
-    checked against every attack run on them, the first Square run included.
+    its outcome that of the run before where it did not attack. A round that `resume` takes over
+    (an interrupted run's) is not run again. Examples in `proven` (certified robust) are
+    left out of those runs: no query can fool them, and on a certifiably trained model they are
+    most of the robust ones. The certificate is still checked against every attack run on them,
+    the first Square run included.
 
     Returns:
       One entry per round: queries, examples attacked, examples newly fooled.
     """
     gradient = {k: v for k, v in correct.items() if k.split("/")[0] in GRADIENT_ATTACKS}
     gained = int(np.sum(~correct["square"] & worst_case(clean, gradient)))
-    rounds, queries = [], config.square_queries
+    rounds, queries, before = [], config.square_queries, "square"
     while gained > 0 and len(rounds) < MAX_SQUARE_DOUBLINGS:
         queries *= 2
-        robust = np.flatnonzero(worst_case(clean, correct) & ~proven)
-        if robust.size == 0:
-            break
-        x_adv = x_square.copy()
-        x_adv[robust], seconds = _timed(lambda: square(
-            model, x[robust], y[robust], eps=eps, queries=queries, p_init=config.square_p_init,
-            seed=config.seed + len(rounds) + 1, batch_size=config.batch_size,
-        ))
         key = f"square-x{queries // config.square_queries}"
-        record(key, "square", x_adv, seconds, queries=queries, attacked=int(robust.size),
-               description=f"{queries} queries per example at most on the {robust.size} examples robust so far "
-                           "(new random squares), the run before's images elsewhere"
-                           + (" (certified examples left out: no query can fool them)" if proven.any() else ""))
-        gained = int(np.sum(~correct[key][robust]))
-        x_square = x_adv
-        rounds.append({"queries": queries, "attacked": int(robust.size), "newly_fooled": gained})
+        if not resume(key):
+            robust = np.flatnonzero(worst_case(clean, correct) & ~proven)
+            if robust.size == 0:
+                break
+            x_adv, seconds = _timed(lambda: square(
+                model, x[robust], y[robust], eps=eps, queries=queries, p_init=config.square_p_init,
+                seed=config.seed + len(rounds) + 1, batch_size=config.batch_size,
+            ))
+            record(key, "square", x_adv, seconds, rows=robust, base=before, queries=queries, attacked=int(robust.size),
+                   description=f"{queries} queries per example at most on the {robust.size} examples robust so far "
+                               "(new random squares), the run before's outcome elsewhere"
+                               + (" (certified examples left out: no query can fool them)" if proven.any() else ""))
+        gained, before = runs[key]["newly_fooled"], key
+        rounds.append({"queries": queries, "attacked": runs[key]["attacked"], "newly_fooled": gained})
     return rounds
 
 

@@ -7,7 +7,9 @@ for tests) as units of work: the trainings (one per model of each dataset) and t
 each dataset (its adaptive suite, table, BIM-margin control and sweep). `--workers` processes share
 the device, each taking the next unit whose trainings are done (trainings first, the longest first),
 so several trainings, then evaluations, run at once. Each unit resumes what an earlier call left:
-a training from its last completed epoch, an evaluation with the models it finished.
+a training from its last completed epoch, an evaluation with the models it finished (the adaptive
+suite also with the attacks finished on the model in progress: on the 10,000 test images one
+model's suite can take longer than a call).
 
 `--spread_jumps=0.2,0.3 --spread_seeds=1,2,3` (`seed_spread.Spread`'s fields; none by default) adds a
 seed spread of the polarized model of `--spread_dataset`: for each jump and seed a training (the
@@ -19,9 +21,9 @@ reports them.
 
 `--device_budget` seconds after it started, less `--stop_grace_s` and PACK_SECONDS (or at SIGTERM),
 it interrupts the workers (Ctrl-C: an interrupted training keeps its completed epochs, an evaluation
-its finished models), packs the state into `--out` (default $OUT), prints what is done, what
-remains, the speed figures (training images/s, PGD image-steps/s, wall time per stage) and the
-device, and exits 0 (1 if a unit failed; 130 after Ctrl-C, having packed too). No unit starts in the
+its finished models and the adaptive suite its finished attacks), packs the state into `--out`
+(default $OUT), prints what is done, what remains, the speed figures (training images/s, PGD
+image-steps/s, wall time per stage) and the device, and exits 0 (1 if a unit failed; 130 after Ctrl-C, having packed too). No unit starts in the
 last `--min_start_s` seconds before that stop.
 
 The state, relative to the checkout, in the folders `polar_tf.reproduce` reads:

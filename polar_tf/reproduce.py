@@ -11,7 +11,7 @@ certificate (`evaluate.py --certify`) on each model.
 
 Resumable: training picks up from its per-epoch checkpoints, an evaluation whose results.json
 already holds the same settings is not run again, and one interrupted resumes with the models it
-finished, so an interrupted run continues where it stopped when the same command is given again.
+finished (the adaptive suite also with the attacks finished on the model in progress), so an interrupted run continues where it stopped when the same command is given again.
 A trained model is copied into pretrained/ and the copy is what is evaluated. A fresh checkout has
 no run folders: a model that pretrained/ ships with exactly the config the protocol asks for is
 evaluated instead of trained again. REPRODUCTION.md is generated from the results files only;

@@ -1,19 +1,23 @@
 """An evaluation's results folder: where it is, what is finished in it, and its files' writing.
 
 A results folder holds results.json and results.md of one evaluation (either suite), and while an
-interrupted one is to be resumed, results.partial.json: the models it finished. Results written in
+interrupted one is to be resumed, results.partial.json: the models it finished, and the attacks it
+finished on the model it was evaluating (the adaptive suite takes those over: `unfinished_model`,
+with each attack's per-example outcome, `pack_correct`). Results written in
 a checkout at another place, or on another machine (a GPU run, imported), still match: models are
 compared as paths relative to the folder.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
 import os
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 from absl import logging
 
 from polar_tf import report, run_dir
@@ -93,6 +97,32 @@ def resume_partial(output_dir: str, paths: Sequence[str], config, results: dict[
         results["plots"] = earlier.get("plots", [])
     logging.info("Resuming %s: %d of %d models finished before", output_dir, len(earlier["models"]), len(paths))
     return float(earlier.get("total_seconds", 0.0))
+
+
+def unfinished_model(output_dir: str, paths: Sequence[str], config) -> dict[str, Any] | None:
+    """What an interrupted run with these settings (its results.partial.json) kept of the model it
+    was evaluating, {"label", "path", "sha256", "attacks": {key: record}, "correct": {key: packed}},
+    if that model is the next of `paths` after the ones it finished and is still the same file;
+    else None. Partial results written without per-example outcomes ("correct") give None."""
+    earlier = finished_results(output_dir, paths, config, partial=True)
+    unfinished = (earlier or {}).get("unfinished_model")
+    if not unfinished or "correct" not in unfinished or len(earlier["models"]) >= len(paths):
+        return None
+    path = paths[len(earlier["models"])]
+    if (os.path.relpath(unfinished["path"], earlier["output_dir"]) != os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+            or unfinished.get("sha256") != report.fingerprint(_model_file(path))):
+        return None
+    return unfinished
+
+
+def pack_correct(correct: np.ndarray) -> str:
+    """A per-example bool array as text for a JSON file (8 examples per byte, base64)."""
+    return base64.b64encode(np.packbits(np.asarray(correct, bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """The bool array [n] that `pack_correct` wrote."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8), count=n).astype(bool)
 
 
 def write_results(output_dir: str, results: dict[str, Any], markdown: str) -> None:

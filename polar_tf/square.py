@@ -23,6 +23,9 @@ more than `queries`. One iteration of a batch is one compiled function
 each example from (seed, iteration, its index) alone, so the squares proposed do not depend on
 the batch size. (Whether a proposal is accepted compares two margins; at a near-tie the float
 rounding of another batch shape can decide it otherwise.)
+The squares' random numbers are drawn `SYNC_EVERY` iterations at a time (`proposal_draws`):
+drawn per iteration, they took about 6.5 ms of host time per iteration for 10,000 examples
+(BENCHMARKS.md, "Square attack").
 
 A query is a forward pass, and only the examples still attacked are computed: every
 `SYNC_EVERY` iterations the fooled ones leave and the others are re-packed into fewer or
@@ -261,9 +264,10 @@ class Run:
                 calls = self._sync(calls)
                 if not calls:
                     return
+                rows = self.todo[np.concatenate([call[0] for call in calls])]  # fixed until the next copy
+                draws = proposal_draws(self.seed, i, rows, channels)
             side = square_side(p_selection(self.p_init, i, self.queries_budget, self.rescale_schedule), height, width)
-            rows = self.todo[np.concatenate([call[0] for call in calls])]
-            corners, signs = proposals(self.seed, i, rows, side, height, channels)
+            corners, signs = proposals(draws, i, side, height)
             first = 0
             for call in calls:
                 size = len(call[0])
@@ -310,11 +314,22 @@ class Run:
         return repacked
 
 
-def proposals(seed: int, iteration: int, rows: np.ndarray, side: int, height: int, channels: int):
-    """The squares proposed at `iteration` to the examples `rows`: top-left corners int32 [k, 2]
-    in [0, height - side) and signs float32 [k, channels] in {-1, +1}. Each example's draw depends
-    only on (seed, iteration, its index) (`driver.per_example`): not on the batch, nor on which
-    others are attacked."""
-    corners = driver.per_example((seed, 1 + iteration, 0), rows,
-                                 lambda rng: rng.integers(0, height - side, (driver.BLOCK, 2)))
-    return corners.astype(np.int32), driver.signs((seed, 1 + iteration, 1), rows, (channels,))
+def proposal_draws(seed: int, first: int, rows: np.ndarray, channels: int) -> np.ndarray:
+    """The random numbers of the squares proposed to the examples `rows` at iterations `first` to
+    `first + SYNC_EVERY - 1` (`first` a multiple of SYNC_EVERY): float64 [k, SYNC_EVERY, 2 + channels]
+    in [0, 1), per iteration the square's corner (2) and its signs (`channels`), as `proposals`
+    reads them. Each example's draw depends only on (seed, its iteration, its index)
+    (`driver.per_example`): not on the batch, nor on which others are attacked; one generator per
+    block of examples serves SYNC_EVERY iterations."""
+    if first % SYNC_EVERY:
+        raise ValueError(f"first must be a multiple of SYNC_EVERY ({SYNC_EVERY}). Received: first={first}")
+    return driver.per_example((seed, 1 + first // SYNC_EVERY), rows,
+                              lambda rng: rng.random((driver.BLOCK, SYNC_EVERY, 2 + channels)))
+
+
+def proposals(draws: np.ndarray, iteration: int, side: int, height: int):
+    """The squares proposed at `iteration` from `proposal_draws` made at its multiple of SYNC_EVERY:
+    top-left corners int32 [k, 2] in [0, height - side) and signs float32 [k, channels] in {-1, +1}."""
+    drawn = draws[:, iteration % SYNC_EVERY]
+    corners = np.floor(drawn[:, :2] * (height - side)).astype(np.int32)  # uniform over the height - side places
+    return corners, np.where(drawn[:, 2:] < 0.5, -1.0, 1.0).astype(np.float32)

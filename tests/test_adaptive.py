@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import small_models
-from polar_tf import adaptive, attacks, models, run_dir
+from polar_tf import adaptive, attacks, models, results_dir, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPS = 0.3
@@ -56,29 +56,117 @@ def test_checks_pass_on_an_honest_model_and_flag_a_masked_one(trained_mlp, mnist
         assert fake["attacks"][key]["accuracy"] <= fake["attacks"]["square"]["accuracy"]
     assert fake["worst_case_accuracy"] <= min(r["accuracy"] for r in fake["attacks"].values())
 
+def _fake_escalation(monkeypatch, n, newly_fooled):
+    """A fake Square, recording (queries, examples) per call, and a record function as
+    evaluate_model's, whose rounds fool `newly_fooled[round]` of the examples they attack."""
+    attacked, runs, correct = [], {}, {}
+    monkeypatch.setattr(adaptive, "square", lambda model, x, y, **kwargs: attacked.append((kwargs["queries"], y.size)) or x)
+
+    def record(key, kind, x_adv, seconds, rows=None, base=None, **extra):
+        correct[key] = correct[base].copy()
+        correct[key][rows[: newly_fooled[len(attacked) - 1]]] = False
+        runs[key] = {**extra, "newly_fooled": int(np.sum(~correct[key][rows]))}
+    return attacked, runs, correct, record
+
+
 def test_square_gets_more_queries_only_where_no_certificate_settles_the_example(monkeypatch):
     # Square fooled example 0, which PGD missed: the check doubles its queries on the examples robust
     # so far (1-9), except the certified ones (2-5), which no query can fool.
     n = 10
     x, y = np.zeros((n, 28, 28, 1), np.float32), np.zeros(n, np.int64)
     clean = np.ones(n, bool)
-    correct = {"pgd": np.ones(n, bool), "square": np.arange(n) > 0}
     proven = np.isin(np.arange(n), [2, 3, 4, 5])
-    attacked = []
-
-    def fake_square(model, x, y, **kwargs):
-        attacked.append((kwargs["queries"], y.size))
-        return x
-    monkeypatch.setattr(adaptive, "square", fake_square)
-    recorded = {}
-
-    def record(key, kind, x_adv, seconds, **extra):
-        correct[key] = np.ones(n, bool)  # Nothing more fooled: the rounds stop after one.
-        recorded[key] = extra
+    attacked, runs, correct, record = _fake_escalation(monkeypatch, n, [0])  # nothing more fooled: one round
+    correct.update({"pgd": np.ones(n, bool), "square": np.arange(n) > 0})
     config = adaptive.AdaptiveConfig(square_queries=100)
-    rounds = adaptive._escalate_square(None, x, y, x, EPS, config, clean, correct, record, proven)
+    rounds = adaptive._escalate_square(None, x, y, EPS, config, clean, correct, runs, record, lambda key: False, proven)
     assert attacked == [(200, 5)] and rounds == [{"queries": 200, "attacked": 5, "newly_fooled": 0}]
-    assert recorded["square-x2"]["attacked"] == 5 and "certified examples left out" in recorded["square-x2"]["description"]
+    assert runs["square-x2"]["attacked"] == 5 and "certified examples left out" in runs["square-x2"]["description"]
+
+
+def test_square_rounds_taken_over_from_an_interrupted_run_are_not_run_again(monkeypatch):
+    # Rounds x2 (which fooled 2 of the 9 robust examples) was finished before the interrupt: it is
+    # taken over; x4 runs on the 7 examples still robust, fools 1, and x8 runs on 6.
+    n = 10
+    x, y = np.zeros((n, 28, 28, 1), np.float32), np.zeros(n, np.int64)
+    attacked, runs, correct, record = _fake_escalation(monkeypatch, n, [1, 0])
+    correct.update({"pgd": np.ones(n, bool), "square": np.arange(n) > 0})
+    kept = {"square-x2": ({"queries": 200, "attacked": 9, "newly_fooled": 2}, np.arange(n) > 2)}
+
+    def resume(key):  # as evaluate_model's
+        if key in kept:
+            runs[key], correct[key] = kept.pop(key)
+            return True
+        return False
+    config = adaptive.AdaptiveConfig(square_queries=100)
+    rounds = adaptive._escalate_square(None, x, y, EPS, config, np.ones(n, bool), correct, runs, record, resume,
+                                       np.zeros(n, bool))
+    assert attacked == [(400, 7), (800, 6)]
+    assert rounds == [{"queries": 200, "attacked": 9, "newly_fooled": 2}, {"queries": 400, "attacked": 7, "newly_fooled": 1},
+                      {"queries": 800, "attacked": 6, "newly_fooled": 0}]
+
+
+def test_an_interrupted_model_resumes_with_its_finished_attacks(trained_mlp, mnist_small, monkeypatch):
+    """Interrupted in Square's second round, the suite keeps the attacks finished; resumed from
+    them, it runs only the rest and gives the uninterrupted run's numbers (one process, the same
+    batches: every attack is deterministic)."""
+    _, _, x, y = mnist_small
+    config = adaptive.AdaptiveConfig(**SMALL)
+    masked = small_models.masked(trained_mlp)
+    complete = adaptive.evaluate_model(masked, "masked", x, y, config)
+    assert "square-x2" in complete["attacks"]  # Square fooled what the gradients missed: it escalated
+    real_square, squares, main_attacks, interrupt = adaptive.square, [], [], [2]
+
+    def interrupted_square(*args, **kwargs):
+        squares.append(kwargs["queries"])
+        if len(squares) == interrupt[0]:
+            raise KeyboardInterrupt
+        return real_square(*args, **kwargs)
+    monkeypatch.setattr(adaptive, "square", interrupted_square)
+    progress = {"attacks": {}, "correct": {}}
+    with pytest.raises(KeyboardInterrupt):
+        adaptive.evaluate_model(masked, "masked", x, y, config, progress=progress)
+    kept = list(progress["attacks"])
+    assert kept == [k for k in complete["attacks"] if k in adaptive.GRADIENT_ATTACKS or k == "square"]
+    progress = json.loads(json.dumps(progress, sort_keys=True))  # as results.partial.json keeps it
+    squares.clear()
+    interrupt[0] = None
+    real_attack = adaptive.run_gradient_attack
+
+    def counted_attack(name, model, xs, ys, eps, config, **overrides):
+        if eps == EPS and not overrides:  # the suite's own runs (the checks' use other eps or budgets)
+            main_attacks.append(name)
+        return real_attack(name, model, xs, ys, eps, config, **overrides)
+    monkeypatch.setattr(adaptive, "run_gradient_attack", counted_attack)
+    resumed = adaptive.evaluate_model(masked, "masked", x, y, config, progress=progress)
+    assert main_attacks == [] and squares == [2 * SMALL["square_queries"] * 2**k for k in range(len(squares))]
+    assert resumed["resumed_attacks"] == kept
+    assert list(resumed["attacks"]) == list(complete["attacks"])  # in the order they ran
+    accuracy = lambda record: {k: run["accuracy"] for k, run in record["attacks"].items()}  # noqa: E731
+    assert accuracy(resumed) == accuracy(complete)
+    assert resumed["worst_case_accuracy"] == complete["worst_case_accuracy"]
+    assert [c["status"] for c in resumed["checks"]] == [c["status"] for c in complete["checks"]]
+    assert resumed["checks"][2]["more_queries"] == complete["checks"][2]["more_queries"]
+
+
+def test_an_interrupted_suite_keeps_the_model_in_progress_in_its_partial_results(trained_mlp, tmp_path, monkeypatch):
+    path, out = str(tmp_path / "mlp.keras"), str(tmp_path / "out")
+    run_dir.save_model(trained_mlp, path)
+    config = adaptive.AdaptiveConfig(**{**SMALL, "num_examples": 30, "check_examples": 30})
+    real_square = adaptive.square
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(adaptive, "square", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="results.partial.json"):
+        adaptive.evaluate_adaptive([path], config, output_dir=out)
+    unfinished = json.loads(open(os.path.join(out, results_dir.PARTIAL_RESULTS)).read())["unfinished_model"]
+    assert sorted(unfinished["correct"]) == sorted(unfinished["attacks"]) == sorted(adaptive.GRADIENT_ATTACKS)
+    monkeypatch.setattr(adaptive, "square", real_square)
+    results = adaptive.evaluate_adaptive([path], config, output_dir=out)
+    assert results["models"][0]["resumed_attacks"] == list(adaptive.GRADIENT_ATTACKS)
+    assert list(results["models"][0]["attacks"])[:6] == [*adaptive.GRADIENT_ATTACKS, "square"]  # in the order they ran
+    assert not os.path.exists(os.path.join(out, results_dir.PARTIAL_RESULTS))
 
 
 @pytest.mark.skipif(keras.backend.backend() == "jax", reason="backend-independent glue; saves a JAX start-up")

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from polar_tf import adaptive, evaluation, report, results_dir, run_dir
@@ -99,3 +100,24 @@ def test_interrupt_keeps_finished_attacks_and_the_earlier_results(tmp_path):
     assert partial["interrupted"] and partial["models"] == results["models"]
     assert partial["unfinished_model"] == {"label": "b", "runs": runs}
     assert json.loads((tmp_path / "results.json").read_text()) == {"complete": True}
+
+
+def test_the_unfinished_model_is_taken_over_only_if_it_is_the_next_model_unchanged(tmp_path, tiny_model_path):
+    correct = np.arange(13) % 3 == 0
+    assert np.array_equal(results_dir.unpack_correct(results_dir.pack_correct(correct), 13), correct)
+    config = adaptive.AdaptiveConfig(num_examples=13)
+    path = str(tmp_path / "model.keras")
+    shutil.copyfile(tiny_model_path, path)
+    unfinished = {"label": "m", "path": path, "sha256": report.fingerprint(path),
+                  "attacks": {"fgsm": {"accuracy": 5 / 13}}, "correct": {"fgsm": results_dir.pack_correct(correct)}}
+    partial = {"config": dataclasses.asdict(config), "output_dir": str(tmp_path / "out"), "models": [],
+               "interrupted": True, "unfinished_model": unfinished}
+
+    def taken_over(partial, paths=(path,)):
+        run_dir.write_json(str(tmp_path / "out" / results_dir.PARTIAL_RESULTS), partial)
+        return results_dir.unfinished_model(str(tmp_path / "out"), list(paths), config)
+    assert taken_over(partial) == unfinished
+    assert taken_over(partial, [tiny_model_path]) is None  # another model
+    assert taken_over({**partial, "unfinished_model": {**unfinished, "sha256": "0" * 64}}) is None  # replaced since
+    assert taken_over({**partial, "unfinished_model": {k: v for k, v in unfinished.items() if k != "correct"}}) is None
+    assert taken_over({**partial, "config": {**partial["config"], "num_examples": 12}}) is None

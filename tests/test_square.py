@@ -22,16 +22,36 @@ def test_square_schedule():
 
 def test_square_proposals_are_per_example():
     rows = np.arange(600)
-    for iteration, side in ((0, 6), (7, 3), (120, 1)):
-        corners, signs = square.proposals(0, iteration, rows, side, 28, 3)
-        assert corners.shape == (600, 2) and signs.shape == (600, 3)
-        assert corners.min() >= 0 and corners.max() < 28 - side and set(np.unique(signs)) == {-1.0, 1.0}
-        # Any subset of the examples, in any batch, is proposed exactly the same squares.
+    every = square.SYNC_EVERY
+    for first, side in ((0, 6), (every, 3), (6 * every, 1)):
+        draws = square.proposal_draws(0, first, rows, 3)
+        assert draws.shape == (600, every, 5)
         part = np.array([3, 255, 256, 257, 599])
-        part_corners, part_signs = square.proposals(0, iteration, part, side, 28, 3)
-        np.testing.assert_array_equal(part_corners, corners[part])
-        np.testing.assert_array_equal(part_signs, signs[part])
-    assert not np.array_equal(square.proposals(1, 0, rows, 6, 28, 3)[0], square.proposals(0, 0, rows, 6, 28, 3)[0])
+        part_draws = square.proposal_draws(0, first, part, 3)
+        for iteration in (first, first + every - 1):
+            corners, signs = square.proposals(draws, iteration, side, 28)
+            assert corners.shape == (600, 2) and signs.shape == (600, 3)
+            assert corners.min() == 0 and corners.max() == 28 - side - 1 and set(np.unique(signs)) == {-1.0, 1.0}
+            # Any subset of the examples, in any batch, is proposed exactly the same squares.
+            part_corners, part_signs = square.proposals(part_draws, iteration, side, 28)
+            np.testing.assert_array_equal(part_corners, corners[part])
+            np.testing.assert_array_equal(part_signs, signs[part])
+        # Each iteration of the chunk has its own squares.
+        assert not np.array_equal(square.proposals(draws, first, 1, 28)[0], square.proposals(draws, first + 1, 1, 28)[0])
+    assert not np.array_equal(square.proposal_draws(1, 0, rows, 3), square.proposal_draws(0, 0, rows, 3))
+    assert not np.array_equal(square.proposal_draws(0, every, rows, 3), square.proposal_draws(0, 0, rows, 3))
+    with pytest.raises(ValueError, match="multiple of SYNC_EVERY"):
+        square.proposal_draws(0, 1, rows, 3)
+
+def test_square_corners_are_uniform():
+    """Every top-left corner of a square of side 3 in 28 rows (25 places per axis) is about equally
+    likely: 600 x 20 draws per axis, 480 per place expected; a count outside 480 +- 5 standard
+    deviations (about +- 108) would be a biased mapping from the uniform draws."""
+    draws = square.proposal_draws(0, 0, np.arange(600), 1)
+    corners = np.concatenate([square.proposals(draws, i, 3, 28)[0] for i in range(square.SYNC_EVERY)])
+    for axis in range(2):
+        counts = np.bincount(corners[:, axis], minlength=25)
+        assert len(counts) == 25 and np.all(np.abs(counts - 480) < 5 * np.sqrt(480 * (1 - 1 / 25)))
 
 def test_square_layout_takes_few_shapes():
     assert square.layout(0, 100) == []
