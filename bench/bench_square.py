@@ -15,8 +15,8 @@ process, the queries used (the forward passes whose output the attack uses, the 
 included) per wall second and per CPU second, the rows the compiled calls computed (replayed
 from the queries spent: `rows_computed`), and how many examples' results differ from the
 baseline's. With `--draw_examples`, it also times the host's part of an iteration for that many
-examples, drawing the squares proposed (`square.proposal_draws` once per `SYNC_EVERY` iterations
-and `square.proposals`; a baseline without `proposal_draws` drew each iteration's with
+examples, drawing the squares proposed (`square.proposal_draws` and `square.proposals` once per
+`SYNC_EVERY` iterations; a baseline without `proposal_draws` drew each iteration's with
 `proposals(seed, iteration, rows, side, height, channels)`).
 """
 
@@ -95,7 +95,7 @@ def draw_milliseconds(module, examples: int, iterations: int = 200) -> float:
         if hasattr(module, "proposal_draws"):
             if i % module.SYNC_EVERY == 0:
                 draws = module.proposal_draws(0, i, rows, 1)
-            module.proposals(draws, i, 3, 28)
+                module.proposals(draws, np.full(module.SYNC_EVERY, 3), 28)
         else:
             module.proposals(0, i, rows, 3, 28, 1)
     return (time.perf_counter() - start) / iterations * 1000

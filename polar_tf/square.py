@@ -70,7 +70,8 @@ def square_side(p: float, height: int, width: int) -> int:
 
 
 class CompiledSquare:
-    """The Square attack's compiled iteration for one model and clip range.
+    """The Square attack's compiled iterations for one model and clip range: the start's margins
+    (`_evaluate`) and a run of iterations as one loop (`_iterate`).
 
     Attributes:
       traces: times its compiled function was traced (once per batch shape).
@@ -86,7 +87,9 @@ class CompiledSquare:
         def evaluate(forward, value_and_grad, x_new, y):
             return losses.margin(forward(x_new), y)
 
-        def iterate(forward, value_and_grad, state, x, y, eps, side, corners, signs):
+        def step(forward, state, x, y, eps, side, corners, signs, live):
+            """One iteration: squares of side `side` at `corners` [k, 2] with `signs` [k, channels];
+            nothing changes and no query counts where `live` is false."""
             x_best, margin_best, queries = state
             height, width = x.shape[1], x.shape[2]
             rows = ops.reshape(ops.arange(height, dtype="int32"), (1, height, 1, 1))
@@ -106,11 +109,19 @@ class CompiledSquare:
             candidate = ops.where(inside, eps * ops.where(unchanged, -signs, signs), delta)
             x_new = clip(x + candidate)
             margin_new = losses.margin(forward(x_new), y)
-            active = margin_best > 0
+            active = ops.logical_and(margin_best > 0, live)
             better = ops.logical_and(active, margin_new < margin_best)
             x_best = ops.where(ops.reshape(better, (-1, 1, 1, 1)), x_new, x_best)
             margin_best = ops.where(better, margin_new, margin_best)
             return x_best, margin_best, queries + ops.cast(active, queries.dtype)
+
+        def iterate(forward, value_and_grad, state, x, y, eps, sides, corners, signs, count):
+            """The first `count` of len(sides) iterations, iteration j with squares of side sides[j]
+            at corners[:, j] with signs[:, j], as one loop (the rest change nothing)."""
+            def body(j, state):
+                return step(forward, state, x, y, eps, ops.take(sides, j), ops.take(corners, j, axis=1),
+                            ops.take(signs, j, axis=1), j < count)
+            return ops.fori_loop(0, sides.shape[0], body, state)
 
         self._evaluate = backend.compile_model_function(model, evaluate, self._count_trace)
         self._iterate = backend.compile_model_function(model, iterate, self._count_trace)
@@ -211,18 +222,22 @@ def layout(active: int, batch: int) -> list[int]:
 class Run:
     """The attack on the examples `todo` of x (correctly classified ones), iteration by iteration.
 
-    All the examples advance together, each iteration in compiled calls of at most `batch_size`
-    rows (`min(batch_size, len(x))`: fixed by the number of examples, not of those attacked).
+    All the examples advance together, `iterations_per_call` iterations (SYNC_EVERY by default, a
+    divisor of it) at a time, as one loop, in compiled calls of at most `batch_size` rows
+    (`min(batch_size, len(x))`: fixed by the number of examples, not of those attacked): one call
+    per iteration cost a dispatch per iteration, the whole time of an attack's tail of a few
+    examples (BENCHMARKS.md, "Square attack").
     Every `SYNC_EVERY` iterations the margins are copied to the host and the examples fooled
     leave: from then on the calls attack only the examples still active, in fewer or smaller
     calls (`layout`; they are re-packed only when that changes the calls' shapes, a fooled example
     left in a call keeps its state). Padding rows repeat a row of the call and mean nothing.
 
     Iterating over a run (once) attacks and yields, for each compiled call, (t, rows, state):
-    t = 0 after the stripes start and t = i + 1 after iteration i; `rows` the example indices
-    (into x, ascending) whose states are the first len(rows) rows of state = (x_best,
-    margin_best, queries spent), backend tensors or NumPy arrays (`keras.ops.convert_to_numpy`
-    reads both). Each example is yielded at t = 0, 1, ... without a gap until it leaves, and its
+    t = 0 after the stripes start and t = i + 1 after iteration i (the call's last); `rows` the
+    example indices (into x, ascending) whose states are the first len(rows) rows of state =
+    (x_best, margin_best, queries spent), backend tensors or NumPy arrays
+    (`keras.ops.convert_to_numpy` reads both). Each example is yielded at t = 0 and then after
+    every call, without a gap (at t = 0, 1, 2, ... with `iterations_per_call=1`), until it leaves, and its
     last state yielded is its result. Once the iteration is over, `x_best`, `margin` and
     `queries` hold the results of all of `todo`, in its order (NumPy arrays). `square` runs it;
     tests read the states to compare runs. Arguments as `square`; the saturation must already
@@ -236,7 +251,11 @@ class Run:
 
     def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray, todo: np.ndarray, *, eps: float,
                  queries: int, p_init: float, clip_min: float, clip_max: float, seed: int, batch_size: int,
-                 rescale_schedule: bool = False):
+                 rescale_schedule: bool = False, iterations_per_call: int = SYNC_EVERY):
+        if SYNC_EVERY % iterations_per_call:
+            raise ValueError(f"iterations_per_call must divide SYNC_EVERY ({SYNC_EVERY}). "
+                             f"Received: iterations_per_call={iterations_per_call}")
+        self.iterations_per_call = iterations_per_call
         self.x, self.y, self.todo = x, y, np.asarray(todo, np.int64)
         self.eps, self.queries_budget, self.p_init, self.seed = np.float32(eps), queries, p_init, seed
         self.clip_min, self.clip_max, self.rescale_schedule = clip_min, clip_max, rescale_schedule
@@ -259,21 +278,24 @@ class Run:
             state = (x_start, self.compiled._evaluate(x_start, yb), np.full(len(rows), 2, np.int32))
             calls.append([positions, count, xb, yb, state])
             yield 0, rows[:count], state
-        for i in range(self.queries_budget - 2):
+        iterations, per_call = self.queries_budget - 2, self.iterations_per_call
+        for i in range(0, iterations, per_call):
             if i % SYNC_EVERY == 0:
                 calls = self._sync(calls)
                 if not calls:
                     return
                 rows = self.todo[np.concatenate([call[0] for call in calls])]  # fixed until the next copy
                 draws = proposal_draws(self.seed, i, rows, channels)
-            side = square_side(p_selection(self.p_init, i, self.queries_budget, self.rescale_schedule), height, width)
-            corners, signs = proposals(draws, i, side, height)
+            count = min(per_call, iterations - i)  # the last call's other iterations change nothing
+            sides = np.array([square_side(p_selection(self.p_init, i + j, self.queries_budget, self.rescale_schedule),
+                                          height, width) for j in range(per_call)], np.int32)
+            corners, signs = proposals(draws[:, i % SYNC_EVERY : i % SYNC_EVERY + per_call], sides, height)
             first = 0
             for call in calls:
                 size = len(call[0])
-                call[4] = self.compiled._iterate(call[4], call[2], call[3], self.eps, np.int32(side),
-                                                 corners[first : first + size], signs[first : first + size])
-                yield i + 1, rows[first : first + call[1]], call[4]
+                call[4] = self.compiled._iterate(call[4], call[2], call[3], self.eps, sides, corners[first : first + size],
+                                                 signs[first : first + size], np.int32(count))
+                yield i + count, rows[first : first + call[1]], call[4]
                 first += size
         self._sync(calls, final=True)
 
@@ -327,9 +349,10 @@ def proposal_draws(seed: int, first: int, rows: np.ndarray, channels: int) -> np
                               lambda rng: rng.random((driver.BLOCK, SYNC_EVERY, 2 + channels)))
 
 
-def proposals(draws: np.ndarray, iteration: int, side: int, height: int):
-    """The squares proposed at `iteration` from `proposal_draws` made at its multiple of SYNC_EVERY:
-    top-left corners int32 [k, 2] in [0, height - side) and signs float32 [k, channels] in {-1, +1}."""
-    drawn = draws[:, iteration % SYNC_EVERY]
-    corners = np.floor(drawn[:, :2] * (height - side)).astype(np.int32)  # uniform over the height - side places
-    return corners, np.where(drawn[:, 2:] < 0.5, -1.0, 1.0).astype(np.float32)
+def proposals(draws: np.ndarray, sides: np.ndarray, height: int):
+    """The squares proposed at the iterations of `draws` ([k, m, 2 + channels], m consecutive
+    iterations of a `proposal_draws`), of sides `sides` (int [m]): top-left corners int32 [k, m, 2],
+    iteration j's in [0, height - sides[j]), and signs float32 [k, m, channels] in {-1, +1}."""
+    places = (height - np.asarray(sides)).reshape(1, -1, 1)
+    corners = np.floor(draws[:, :, :2] * places).astype(np.int32)  # uniform over the places
+    return corners, np.where(draws[:, :, 2:] < 0.5, -1.0, 1.0).astype(np.float32)

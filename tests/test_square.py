@@ -23,21 +23,23 @@ def test_square_schedule():
 def test_square_proposals_are_per_example():
     rows = np.arange(600)
     every = square.SYNC_EVERY
-    for first, side in ((0, 6), (every, 3), (6 * every, 1)):
+    sides = np.arange(every) % 6 + 1  # sides 1 to 6
+    for first in (0, every, 6 * every):
         draws = square.proposal_draws(0, first, rows, 3)
         assert draws.shape == (600, every, 5)
+        corners, signs = square.proposals(draws, sides, 28)
+        assert corners.shape == (600, every, 2) and signs.shape == (600, every, 3)
+        for j, side in enumerate(sides):  # every place of each side's square is proposed (600 draws each)
+            assert corners[:, j].min() == 0 and corners[:, j].max() == 28 - side - 1
+        assert set(np.unique(signs)) == {-1.0, 1.0}
+        # Any subset of the examples, in any batch, is proposed exactly the same squares.
         part = np.array([3, 255, 256, 257, 599])
-        part_draws = square.proposal_draws(0, first, part, 3)
-        for iteration in (first, first + every - 1):
-            corners, signs = square.proposals(draws, iteration, side, 28)
-            assert corners.shape == (600, 2) and signs.shape == (600, 3)
-            assert corners.min() == 0 and corners.max() == 28 - side - 1 and set(np.unique(signs)) == {-1.0, 1.0}
-            # Any subset of the examples, in any batch, is proposed exactly the same squares.
-            part_corners, part_signs = square.proposals(part_draws, iteration, side, 28)
-            np.testing.assert_array_equal(part_corners, corners[part])
-            np.testing.assert_array_equal(part_signs, signs[part])
-        # Each iteration of the chunk has its own squares.
-        assert not np.array_equal(square.proposals(draws, first, 1, 28)[0], square.proposals(draws, first + 1, 1, 28)[0])
+        part_corners, part_signs = square.proposals(square.proposal_draws(0, first, part, 3), sides, 28)
+        np.testing.assert_array_equal(part_corners, corners[part])
+        np.testing.assert_array_equal(part_signs, signs[part])
+        # So is any run of the iterations.
+        np.testing.assert_array_equal(square.proposals(draws[:, 5:7], sides[5:7], 28)[0], corners[:, 5:7])
+        assert not np.array_equal(corners[:, 0], corners[:, 6])  # each iteration has its own squares
     assert not np.array_equal(square.proposal_draws(1, 0, rows, 3), square.proposal_draws(0, 0, rows, 3))
     assert not np.array_equal(square.proposal_draws(0, every, rows, 3), square.proposal_draws(0, 0, rows, 3))
     with pytest.raises(ValueError, match="multiple of SYNC_EVERY"):
@@ -48,7 +50,7 @@ def test_square_corners_are_uniform():
     likely: 600 x 20 draws per axis, 480 per place expected; a count outside 480 +- 5 standard
     deviations (about +- 108) would be a biased mapping from the uniform draws."""
     draws = square.proposal_draws(0, 0, np.arange(600), 1)
-    corners = np.concatenate([square.proposals(draws, i, 3, 28)[0] for i in range(square.SYNC_EVERY)])
+    corners = square.proposals(draws, np.full(square.SYNC_EVERY, 3), 28)[0].reshape(-1, 2)
     for axis in range(2):
         counts = np.bincount(corners[:, axis], minlength=25)
         assert len(counts) == 25 and np.all(np.abs(counts - 480) < 5 * np.sqrt(480 * (1 - 1 / 25)))
@@ -80,9 +82,9 @@ def test_square_respects_its_query_budget(trained_mlp, mnist_small):
     assert np.all(spent[survived & decided] == 150) and survived.sum() > 10  # unfooled examples use it all
     assert np.all(spent[correct & ~survived & decided] < 150)
 
-def _square_run(model, x, y, todo, batch_size, queries, eps=0.03):
+def _square_run(model, x, y, todo, batch_size, queries, eps=0.03, iterations_per_call=1):
     return square.Run(model, x, y, todo, eps=eps, queries=queries, p_init=0.05, clip_min=0.0, clip_max=1.0, seed=0,
-                      batch_size=batch_size)
+                      batch_size=batch_size, iterations_per_call=iterations_per_call)
 
 def _square_history(run, queries):
     """Per example of the run's `todo`: the images [T, k, ...], margins [T, k] and queries [T, k]
@@ -174,6 +176,31 @@ def test_square_batch_sizes_differ_only_at_near_ties(trained_mlp, mnist_small):
     np.testing.assert_array_equal(q_a[:, undiverged], q_b[:, undiverged])
     np.testing.assert_array_equal(m_a[:, undiverged] > 0, m_b[:, undiverged] > 0)
     assert diverged <= 0.05 * len(todo)  # near-ties are rare: the comparison is not vacuous
+
+
+def test_square_iterations_looped_in_one_call_attack_as_one_call_each(trained_mlp, mnist_small):
+    """SYNC_EVERY iterations per compiled call (a loop on the device, the default) run the same
+    attack as one call per iteration: after each call every example's state is the per-iteration
+    run's at that iteration, except where an accept decision fell on a float near-tie (the loop's
+    forward pass may round otherwise: see the test above), which must be rare; the query budget
+    holds in the last, shorter call."""
+    _, _, x, y = mnist_small
+    queries, every = 150, square.SYNC_EVERY
+    todo = np.flatnonzero(models.predict_labels(trained_mlp, x) == y)
+    x_a, m_a, q_a, _ = _square_history(_square_run(trained_mlp, x, y, todo, 64, queries), queries)
+    run = _square_run(trained_mlp, x, y, todo, 64, queries, iterations_per_call=every)
+    differs, times = np.zeros(todo.size, bool), set()
+    for t, rows, state in run:
+        times.add(t)
+        at = np.searchsorted(todo, rows)
+        images, _, spent = (ops.convert_to_numpy(v)[: len(rows)] for v in state)
+        differs[at] |= np.any(images != x_a[t, at], axis=(1, 2, 3)) | (spent != q_a[t, at])
+    assert times == {*range(0, queries - 2, every), queries - 2}  # 0, 20, ..., 140, then 148
+    assert run.queries.max() <= queries and differs.mean() <= 0.05
+    np.testing.assert_array_equal(run.queries[~differs], q_a[-1, ~differs])
+    np.testing.assert_array_equal(run.x_best[~differs], x_a[-1, ~differs])
+    with pytest.raises(ValueError, match="divide SYNC_EVERY"):
+        _square_run(trained_mlp, x, y, todo, 64, queries, iterations_per_call=every + 1)
 
 
 def test_eps_zero_returns_x_and_too_few_queries_are_refused(trained_mlp, mnist_small):
