@@ -214,13 +214,14 @@ def further_markdown(further: dict, base: str) -> str:
     names = {model: row for model, row in ROWS}
     columns = ("clean", "fgsm", "bim", "pgd", "adaptive")
     lines = ["", "## Further runs", "",
-             "Other runs of the models above, each evaluated by its own command (below). `near a jump`: the "
+             "Other runs of the models above, each evaluated by its own command (below). `training`: the "
+             "paper's schedule, or Madry et al.'s adversarial training with its PGD steps and eps ramp. `near a jump`: the "
              "fraction of the front-end outputs on training images within eps of a jump at the last epoch. "
              "Accuracy (%), with the difference to the paper's cell in brackets; `adaptive` is the adaptive "
              "suite's per-example worst case.", "",
-             "| dataset | model | seed | jump | epochs | near a jump | " + " | ".join(c if c in ("clean", "adaptive") else c.upper()
-                                                                                for c in columns) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(columns)]
+             "| dataset | model | training | seed | jump | epochs | near a jump | "
+             + " | ".join(c if c in ("clean", "adaptive") else c.upper() for c in columns) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(columns)]
     for model in further["models"]:
         trained = model["trained"] or {}
         paper = report.PAPER_RESULTS[model["dataset"]].get(names.get(trained.get("model")))
@@ -236,7 +237,7 @@ def further_markdown(further: dict, base: str) -> str:
             else:
                 cells.append(f"{100 * value:.2f}")
         near = trained.get("frac_within_eps_of_jump")
-        lines.append(f"| {model['dataset']} | {model['label']} | {trained.get('seed', '-')} | {'-' if trained.get('jump') is None else trained['jump']} | "
+        lines.append(f"| {model['dataset']} | {model['label']} | {trained.get('training', '-')} | {trained.get('seed', '-')} | {'-' if trained.get('jump') is None else trained['jump']} | "
                      f"{trained.get('epochs', '-')} | {'-' if near is None else f'{100 * near:.1f}%'} | " + " | ".join(cells) + " |")
     lines += ["", "Evaluations:", ""] + [_source_line(source, base) for source in further["sources"]]
     return "\n".join(lines) + "\n"

@@ -120,7 +120,10 @@ def _trained(model_path: str) -> dict | None:
 def _training_kind(config: Config) -> str:
     """How a model was trained, in a few words: the paper's schedule, or certified training's settings."""
     if not config.certified_training:
-        return "Madry et al. (PGD)" if config.model == "adversarial" else "the paper's schedule"
+        if config.model != "adversarial":
+            return "the paper's schedule"
+        warmup = f", eps ramped up over {config.adv_warmup_epochs} epochs" if config.adv_warmup_epochs else ""
+        return f"Madry et al. ({config.adv_steps}-step PGD{warmup})"
     where = "stage 3" if config.num_stages > 1 else f"all {config.total_epochs} epochs"
     if config.init_from:
         where += f", started from {config.init_from}"

@@ -33,7 +33,7 @@ def test_further_runs_merge_both_suites_by_model_and_report_training_and_paper_d
     assert len(further["models"]) == 1
     text = reproduction_report.further_markdown(further, str(tmp_path))
     # The paper's polarized Fashion-MNIST row is 87.3 / 69.4 / 54.9 / 44.5; clean comes from the table, not the suite.
-    row = ("| fashion_mnist | fashion_seed1/stage3 | 1 | 0.2 | 3 | 5.0% | 87.30 (+0.0) | 50.00 (-19.4) | 25.00 (-29.9) "
+    row = ("| fashion_mnist | fashion_seed1/stage3 | the paper's schedule | 1 | 0.2 | 3 | 5.0% | 87.30 (+0.0) | 50.00 (-19.4) | 25.00 (-29.9) "
            "| 20.00 (-24.5) | 12.50 (reduced budgets) |")
     assert row in text.splitlines()
     assert ("- `python evaluate.py --suite=adaptive` (1000 test images, budgets REDUCED (Square 1000 queries of 5000; an "

@@ -33,6 +33,11 @@ def test_a_model_is_described_by_its_own_settings_only(tmp_path):
         run_dir.write_json(stem + ".config.json", Config(dataset="mnist", model=model).to_dict())
         run_dir.MetricsLog(stem + ".metrics.jsonl").append({"epoch": 0, "stage": 1})
         assert reproduction_results._trained(stem + ".keras")["jump"] == jump
+    # Adversarial training says its PGD steps and eps ramp, which the further runs' table shows.
+    assert reproduction_results._training_kind(Config(dataset="mnist", model="adversarial")) == "Madry et al. (40-step PGD)"
+    assert reproduction_results._training_kind(Config(dataset="mnist", model="adversarial", adv_steps=10, adv_warmup_epochs=2)) == (
+        "Madry et al. (10-step PGD, eps ramped up over 2 epochs)")
+    assert reproduction_results._training_kind(Config(dataset="mnist")) == "the paper's schedule"
     # Certified training started from another model says so, and counts that model's epochs too.
     source = str(tmp_path / "polarized.keras")
     config = Config(dataset="mnist", certified_training=True, init_from=source)
