@@ -16,9 +16,11 @@ Algorithm 1 of the paper, as their reference implementation runs it:
     halved, and it restarts from its best point (with the gradient there), if (a) its loss
     increased in at most rho = 0.75 of the iterations since the last checkpoint, or (b) its step
     size was not halved at the last checkpoint and its best loss has not improved since.
-All of this state (`State`: step size, counters, best points) is per example. One iteration is
-one compiled function (`backend.compile_model_function`), traced once per batch shape, called in a
-Python loop; the state stays on the device between calls. The attack of one batch is the kernel
+All of this state (`State`: step size, counters, best points) is per example. The iterations run
+in compiled calls (`backend.compile_model_function`), traced once per batch shape and number of
+iterations per call: on an accelerator all of them as one loop (a GPU shared by several processes
+took about 9 ms per call, BENCHMARKS.md), on the CPU one per call (20 per call, as TensorFlow's PGD
+runs there, was about 9% slower: BENCHMARKS.md); the state stays on the device between calls. The attack of one batch is the kernel
 `CompiledAPGD`; batching, restarts and target classes, the saturation switch, checks and progress
 are the driver's (`polar_tf.driver.run`).
 
@@ -147,7 +149,9 @@ class CompiledAPGD:
                          gradient_best=gradient, x_fooled=x_adv, fooled=fooled, step=2.0 * eps * ones,
                          increases=0.0 * ones, loss_best_at_check=loss, reduced_at_check=ones)
 
-        def iterate(forward, value_and_grad, state: State, x, y, target, eps, momentum, at_check, window):
+        def iterate(forward, value_and_grad, state: State, x, y, target, eps, momentum, window):
+            """One iteration; a checkpoint falls after it where `window` (its iterations since the
+            last one) is not 0."""
             x_k = state.x
             z = project(x_k + _rows(state.step, x_k) * ops.sign(state.gradient), x, eps)
             x_next = project(x_k + momentum * (z - x_k) + (1.0 - momentum) * (x_k - state.x_previous), x, eps)
@@ -158,11 +162,11 @@ class CompiledAPGD:
             x_best = ops.where(_rows(better, x_next), x_next, state.x_best)
             gradient_best = ops.where(_rows(better, x_next), gradient_next, state.gradient_best)
             loss_best = ops.where(better, loss_next, state.loss_best)
-            # Checkpoint (at_check is 1 after the iterations `checkpoints` lists, else 0).
+            # Checkpoint (after the iterations `checkpoints` lists).
+            checking = window > 0
             oscillating = increases <= window * RHO
             stalled = ops.logical_and(state.reduced_at_check < 0.5, state.loss_best_at_check >= loss_best)
-            reduce = ops.logical_and(at_check > 0.5, ops.logical_or(oscillating, stalled))
-            checking = at_check > 0.5
+            reduce = ops.logical_and(checking, ops.logical_or(oscillating, stalled))
             return State(
                 x=ops.where(_rows(reduce, x_next), x_best, x_next),
                 x_previous=x_next,
@@ -179,29 +183,45 @@ class CompiledAPGD:
                 reduced_at_check=ops.where(checking, ops.cast(reduce, state.step.dtype), state.reduced_at_check),
             )
 
+        def iterations(forward, value_and_grad, state: State, x, y, target, eps, momenta, windows):
+            """len(momenta) iterations as one loop, iteration j with momenta[j] and windows[j]."""
+            def body(j, state):
+                return iterate(forward, value_and_grad, state, x, y, target, eps, ops.take(momenta, j), ops.take(windows, j))
+            return ops.fori_loop(0, momenta.shape[0], body, state)
+
         self._start = backend.compile_model_function(model, start, self._count_trace)
+        # One iteration per call (the CPU) is a function of its own, as PGD's: XLA on the CPU runs a
+        # gradient inside a loop slower (`backend.attack_steps_per_call`), TensorFlow's loop costs too.
         self._iterate = backend.compile_model_function(model, iterate, self._count_trace)
+        self._iterations = backend.compile_model_function(model, iterations, self._count_trace)
 
     def _count_trace(self) -> None:
         self.traces += 1
 
-    def __call__(self, x, y, target, noise, eps: float, iterations: int, on_iteration=None):
+    def __call__(self, x, y, target, noise, eps: float, iterations: int, on_iteration=None,
+                 iterations_per_call: int | None = None):
         """Attacks one batch (towards `target`, for the targeted loss; else it is ignored); returns
         (x_adv, fooled, best loss) as NumPy arrays.
 
-        `on_iteration(done)`, if given, is called after each iteration with the number done."""
+        The iterations run in compiled calls of at most `iterations_per_call` (None: one call), each
+        continuing from the last one's state; `on_iteration(done)`, if given, is called after each
+        call with the number of iterations done."""
         f32 = np.float32
         x_np = x
         x, y, target = (ops.convert_to_tensor(v) for v in (x, y, target))  # on the device once
         state = self._start(x, y, target, noise, f32(eps))
         schedule = dict(checkpoints(iterations))
-        for i in range(iterations):
-            window = schedule.get(i, 0)
-            state = self._iterate(
-                state, x, y, target, f32(eps), f32(1.0 if i == 0 else MOMENTUM), f32(window > 0), f32(window)
-            )
+        momenta = np.array([1.0 if i == 0 else MOMENTUM for i in range(iterations)], f32)
+        windows = np.array([schedule.get(i, 0) for i in range(iterations)], f32)
+        per_call = iterations_per_call or max(iterations, 1)
+        for first in range(0, iterations, per_call):
+            if per_call == 1:
+                state = self._iterate(state, x, y, target, f32(eps), momenta[first], windows[first])
+            else:
+                part = slice(first, first + per_call)
+                state = self._iterations(state, x, y, target, f32(eps), momenta[part], windows[part])
             if on_iteration is not None:
-                on_iteration(i + 1)
+                on_iteration(min(first + per_call, iterations))
         x_best, loss_best, x_fooled, fooled = (
             ops.convert_to_numpy(v) for v in (state.x_best, state.loss_best, state.x_fooled, state.fooled)
         )
@@ -212,7 +232,8 @@ class CompiledAPGD:
 
         def attack(x, y, noise, target, count, on_progress):
             x_adv, fooled, loss = self(x, y, target, noise, eps, iterations,
-                                       on_iteration=lambda done: on_progress(done / iterations))
+                                       on_iteration=lambda done: on_progress(done / iterations),
+                                       iterations_per_call=None if backend.on_accelerator() else 1)
             self.image_steps += count * (iterations + 1)
             return x_adv, fooled, loss
 

@@ -50,6 +50,24 @@ def test_eps_zero_returns_x_and_apgd_traces_once(trained_mlp, mnist_small):
         apgd.apgd(model, x, y, eps=0.1, loss="cw")
 
 
+def test_apgd_runs_the_same_iterations_in_calls_of_any_length(trained_mlp, mnist_small):
+    """One iteration per call, 7 per call (checkpoints fall inside calls, the last call is shorter)
+    or all 30 in one loop: the same attack, up to float rounding (XLA may compile a loop's gradient
+    otherwise, and a sign near zero can then send an example another way): nearly every example
+    ends at the same loss and is fooled or not alike."""
+    _, _, x, y = mnist_small
+    compiled = apgd.compiled_apgd(trained_mlp, "ce")
+    noise = np.random.default_rng(0).uniform(-1, 1, x.shape).astype(np.float32)
+    target = np.zeros_like(y)
+    runs = [compiled(x, y, target, noise, 0.05, 30, iterations_per_call=per_call) for per_call in (1, 7, None)]
+    x_one, fooled_one, loss_one = runs[0]
+    assert 0.2 < fooled_one.mean() < 0.9  # neither vacuous nor toothless at eps 0.05
+    for x_adv, fooled, loss in runs[1:]:
+        assert np.mean(fooled == fooled_one) >= 0.95
+        assert np.mean(np.isclose(loss, loss_one, rtol=1e-4, atol=1e-5)) >= 0.95
+        assert np.max(np.abs(x_adv - x)) <= 0.05 + attacks.INVARIANT_TOLERANCE
+
+
 @pytest.mark.parametrize("loss", ["ce", "dlr", "dlr-t"])
 def test_apgd_drives_an_undefended_model_to_near_zero(trained_mlp, mnist_small, loss):
     _, _, x, y = mnist_small
