@@ -442,6 +442,23 @@ def _models(settings: Settings, unit: Unit) -> int:
     return len(seed_spread.EVALUATIONS) if unit.name in _spread_runs(settings) else len(reproduction_protocol.ROWS)
 
 
+def _kept(settings: Settings, unit: Unit) -> str:
+    """What an unfinished evaluation unit kept from earlier calls, e.g. " (1 of 3 models done; 7
+    attacks of the next)", or "" when nothing."""
+    if unit.kind != "evaluate":
+        return ""
+    done, attacks = len(_records(settings, unit)), 0
+    for folder in _evaluation_dirs(settings, unit):
+        path = os.path.join(folder, "results.partial.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                attacks += len((json.load(f).get("unfinished_model") or {}).get("correct", {}))
+    if not done and not attacks:
+        return ""
+    counted = "evaluations" if unit.name in _spread_runs(settings) else "models"
+    return f" ({done} of {_models(settings, unit)} {counted} done" + (f"; {attacks} attacks of the next)" if attacks else ")")
+
+
 def _train_config(settings: Settings, unit: Unit):
     from polar_tf import reproduction_protocol
 
@@ -590,7 +607,7 @@ def main(argv):
         settings = settings_from_flags()
         if f.plan_only:
             units = plan(settings)
-            print("\n".join(f"{u.id}: {'done' if u.done_before else 'to do'}" for u in units))
+            print("\n".join(f"{u.id}: {'done' if u.done_before else 'to do' + _kept(settings, u)}" for u in units))
             return
         if f.device_budget is None or f.device_budget <= 0:
             raise ValueError(f"--device_budget must be a number of seconds > 0. Received: {f.device_budget}")

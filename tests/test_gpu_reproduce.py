@@ -208,3 +208,17 @@ def test_a_state_of_another_protocol_is_refused_before_any_work(tmp_path, monkey
     assert [u.id for u in gpu_reproduce.ready(units)] == ["train mnist baseline"]
     units[2].status = "done"
     assert [u.id for u in gpu_reproduce.ready(units)] == [u.id for u in units[3:]]
+
+
+def test_the_plan_says_what_an_unfinished_evaluation_kept(tmp_path):
+    settings = gpu_reproduce.Settings(("mnist",), TINY_PROTOCOL, str(tmp_path / "runs"), str(tmp_path / "results"),
+                                      str(tmp_path / "pretrained"), None, ("adaptive",))
+    unit = gpu_reproduce.Unit("evaluate", "mnist", "adaptive")
+    assert gpu_reproduce._kept(settings, unit) == ""
+    folder = reproduction_protocol.evaluation_dir(settings.results_dir, "mnist", "adaptive")
+    partial = {"eps": 0.3, "models": [{"label": "baseline"}], "interrupted": True,
+               "unfinished_model": {"label": "adversarial", "attacks": {}, "correct": {"fgsm": "", "pgd": ""}}}
+    run_dir.write_json(os.path.join(folder, "results.partial.json"), partial)
+    assert gpu_reproduce._kept(settings, unit) == " (1 of 3 models done; 2 attacks of the next)"
+    run_dir.write_json(os.path.join(folder, "results.partial.json"), {**partial, "unfinished_model": None})
+    assert gpu_reproduce._kept(settings, unit) == " (1 of 3 models done)"
