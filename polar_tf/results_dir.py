@@ -95,8 +95,21 @@ def resume_partial(output_dir: str, paths: Sequence[str], config, results: dict[
     results["models"] = earlier["models"]
     if "plots" in results:
         results["plots"] = earlier.get("plots", [])
+    merge_environment(earlier, results)
     logging.info("Resuming %s: %d of %d models finished before", output_dir, len(earlier["models"]), len(paths))
     return float(earlier.get("total_seconds", 0.0))
+
+
+def merge_environment(earlier: dict[str, Any], results: dict[str, Any]) -> None:
+    """Where the models an interrupted run finished (`earlier`) ran on another backend or device
+    than `results` (a run on the GPU continued on the CPU, say), `results` says both, e.g.
+    "NVIDIA H200 (the first 2 models), then CPU: AMD EPYC (2 cores)", and its versions are those of
+    both (this run's where they differ)."""
+    for key in ("backend", "device"):
+        if earlier.get(key) and earlier[key] != results[key]:
+            results[key] = f"{earlier[key]} (the first {len(earlier['models'])} models), then {results[key]}"
+    if earlier.get("versions") and earlier["versions"] != results["versions"]:
+        results["versions"] = {**earlier["versions"], **results["versions"]}
 
 
 def unfinished_model(output_dir: str, paths: Sequence[str], config) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ def test_an_interrupted_evaluation_resumes_with_the_models_it_finished(tmp_path,
     assert resumed["models"][0] == first  # taken over, not evaluated again
     assert resumed["models"][1]["accuracy"] == complete["models"][1]["accuracy"]  # same model, batches and seed
     assert resumed["total_seconds"] > 100.0 and resumed["plots"][:2] == ["accuracy_vs_eps.png", "model_adversarial_examples.png"]
+    assert resumed["device"] == complete["device"] and resumed["backend"] == complete["backend"]  # one machine
     assert not (tmp_path / results_dir.PARTIAL_RESULTS).exists()  # superseded by results.json
     # A partial run of other settings, or of other models, is not taken over.
     run_dir.write_json(str(tmp_path / results_dir.PARTIAL_RESULTS), partial)
@@ -121,3 +122,15 @@ def test_the_unfinished_model_is_taken_over_only_if_it_is_the_next_model_unchang
     assert taken_over({**partial, "unfinished_model": {**unfinished, "sha256": "0" * 64}}) is None  # replaced since
     assert taken_over({**partial, "unfinished_model": {k: v for k, v in unfinished.items() if k != "correct"}}) is None
     assert taken_over({**partial, "config": {**partial["config"], "num_examples": 12}}) is None
+
+
+def test_results_finished_on_another_machine_say_where_each_part_ran():
+    earlier = {"models": [{}, {}], "backend": "jax", "device": "NVIDIA H200", "versions": {"keras": "3.15.1", "jax": "0.10.2"}}
+    results = {"backend": "tensorflow", "device": "CPU: AMD EPYC (2 cores)", "versions": {"keras": "3.15.1", "tensorflow": "2.21.0"}}
+    results_dir.merge_environment(earlier, results)
+    assert results == {"backend": "jax (the first 2 models), then tensorflow",
+                       "device": "NVIDIA H200 (the first 2 models), then CPU: AMD EPYC (2 cores)",
+                       "versions": {"keras": "3.15.1", "jax": "0.10.2", "tensorflow": "2.21.0"}}
+    same = dict(earlier, models=[{}])
+    results_dir.merge_environment(same, same_copy := dict(same))
+    assert same_copy == same
