@@ -16,13 +16,13 @@ Algorithm 1 of the paper, as their reference implementation runs it:
     halved, and it restarts from its best point (with the gradient there), if (a) its loss
     increased in at most rho = 0.75 of the iterations since the last checkpoint, or (b) its step
     size was not halved at the last checkpoint and its best loss has not improved since.
-All of this state (`State`: step size, counters, best points) is per example. The iterations run
-in compiled calls (`backend.compile_model_function`), traced once per batch shape and number of
+All of this state (`State`: step size, counters, best points) is per example. The iterations run in
+compiled calls (`backend.compile_model_function`), traced once per batch shape and number of
 iterations per call: on an accelerator all of them as one loop (a GPU shared by several processes
-took about 9 ms per call, BENCHMARKS.md), on the CPU one per call (20 per call, as TensorFlow's PGD
-runs there, was about 9% slower: BENCHMARKS.md); the state stays on the device between calls. The attack of one batch is the kernel
-`CompiledAPGD`; batching, restarts and target classes, the saturation switch, checks and progress
-are the driver's (`polar_tf.driver.run`).
+took about 8 ms per call, BENCHMARKS.md), on the CPU one per call (20 per call, as TensorFlow's PGD
+runs there, was about 9% slower: BENCHMARKS.md); the state stays on the device between calls. The
+attack of one batch is the kernel `CompiledAPGD`; batching, restarts and target classes, the
+saturation switch, checks and progress are the driver's (`polar_tf.driver.run`).
 
 Losses (maximized; `polar_tf.losses`): "ce" is the cross-entropy (`losses.cross_entropy`), as in
 Croce & Hein: without the MSE fallback of the paper's attacks, whose maximization can raise the
@@ -186,7 +186,8 @@ class CompiledAPGD:
         def iterations(forward, value_and_grad, state: State, x, y, target, eps, momenta, windows):
             """len(momenta) iterations as one loop, iteration j with momenta[j] and windows[j]."""
             def body(j, state):
-                return iterate(forward, value_and_grad, state, x, y, target, eps, ops.take(momenta, j), ops.take(windows, j))
+                return iterate(forward, value_and_grad, state, x, y, target, eps, ops.take(momenta, j),
+                               ops.take(windows, j))
             return ops.fori_loop(0, momenta.shape[0], body, state)
 
         self._start = backend.compile_model_function(model, start, self._count_trace)

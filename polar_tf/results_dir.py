@@ -122,7 +122,8 @@ def unfinished_model(output_dir: str, paths: Sequence[str], config) -> dict[str,
     if not unfinished or "correct" not in unfinished or len(earlier["models"]) >= len(paths):
         return None
     path = paths[len(earlier["models"])]
-    if (os.path.relpath(unfinished["path"], earlier["output_dir"]) != os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+    here = os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+    if (os.path.relpath(unfinished["path"], earlier["output_dir"]) != here
             or unfinished.get("sha256") != report.fingerprint(_model_file(path))):
         return None
     return unfinished

@@ -18,7 +18,7 @@ l(x) = z_y - max_{j != y} z_j (minimized; the example is fooled when it is <= 0)
 Queries are counted per example: forward passes whose output the attack uses, including the
 first (is the clean image classified correctly? an already misclassified one costs just that
 query and is returned unchanged) and the one at the stripes start; no example is ever given
-more than `queries`. One iteration of a batch is one compiled function
+more than `queries`. A batch's iterations run `SYNC_EVERY` at a time as one compiled loop
 (`backend.compile_model_function`); the stripes, squares and signs are drawn on the host, for
 each example from (seed, iteration, its index) alone, so the squares proposed do not depend on
 the batch size. (Whether a proposal is accepted compares two margins; at a near-tie the float
@@ -224,9 +224,9 @@ class Run:
 
     All the examples advance together, `iterations_per_call` iterations (SYNC_EVERY by default, a
     divisor of it) at a time, as one loop, in compiled calls of at most `batch_size` rows
-    (`min(batch_size, len(x))`: fixed by the number of examples, not of those attacked): one call
-    per iteration cost a dispatch per iteration, the whole time of an attack's tail of a few
-    examples (BENCHMARKS.md, "Square attack").
+    (`min(batch_size, len(x))`: fixed by the number of examples, not of those attacked). One call
+    per iteration paid a dispatch per iteration, most of the time of an attack's tail, where a few
+    examples hold out (BENCHMARKS.md, "Square attack").
     Every `SYNC_EVERY` iterations the margins are copied to the host and the examples fooled
     leave: from then on the calls attack only the examples still active, in fewer or smaller
     calls (`layout`; they are re-packed only when that changes the calls' shapes, a fooled example
@@ -237,8 +237,8 @@ class Run:
     example indices (into x, ascending) whose states are the first len(rows) rows of state =
     (x_best, margin_best, queries spent), backend tensors or NumPy arrays
     (`keras.ops.convert_to_numpy` reads both). Each example is yielded at t = 0 and then after
-    every call, without a gap (at t = 0, 1, 2, ... with `iterations_per_call=1`), until it leaves, and its
-    last state yielded is its result. Once the iteration is over, `x_best`, `margin` and
+    every call, without a gap (at t = 0, 1, 2, ... with `iterations_per_call=1`), until it
+    leaves, and its last state yielded is its result. Once the iteration is over, `x_best`, `margin` and
     `queries` hold the results of all of `todo`, in its order (NumPy arrays). `square` runs it;
     tests read the states to compare runs. Arguments as `square`; the saturation must already
     be on.
@@ -293,8 +293,9 @@ class Run:
             first = 0
             for call in calls:
                 size = len(call[0])
-                call[4] = self.compiled._iterate(call[4], call[2], call[3], self.eps, sides, corners[first : first + size],
-                                                 signs[first : first + size], np.int32(count))
+                call[4] = self.compiled._iterate(call[4], call[2], call[3], self.eps, sides,
+                                                 corners[first : first + size], signs[first : first + size],
+                                                 np.int32(count))
                 yield i + count, rows[first : first + call[1]], call[4]
                 first += size
         self._sync(calls, final=True)
