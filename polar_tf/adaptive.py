@@ -108,11 +108,11 @@ def evaluate_adaptive(model_paths: Sequence[str], config: AdaptiveConfig, output
     })
     labels = report.unique_labels([report.model_label(p) for p in paths])
     earlier = results["total_seconds"] = results_dir.resume_partial(output_dir, paths, config, results)
-    kept = results_dir.unfinished_model(output_dir, paths, config)
+    kept = results_dir.unfinished_model(output_dir, paths, config)  # the next model's finished attacks, if any
     for path, label, model in list(zip(paths, labels, loaded))[len(results["models"]):]:
-        # Filled attack by attack, kept if interrupted; an interrupted run's finished attacks are taken over.
-        progress = {"attacks": kept["attacks"], "correct": kept["correct"]} if kept else {"attacks": {}, "correct": {}}
+        progress = {"attacks": {}, "correct": {}}  # filled attack by attack, kept if interrupted
         if kept:
+            progress = {"attacks": kept["attacks"], "correct": kept["correct"]}
             logging.info("Resuming %s on %s: %d attacks finished before", output_dir, label, len(kept["correct"]))
             earlier += sum(run["seconds"] for key, run in kept["attacks"].items() if key in kept["correct"])
             kept = None
