@@ -23,8 +23,8 @@ reports them.
 it interrupts the workers (Ctrl-C: an interrupted training keeps its completed epochs, an evaluation
 its finished models and the adaptive suite its finished attacks), packs the state into `--out`
 (default $OUT), prints what is done, what remains, the speed figures (training images/s, PGD
-image-steps/s, wall time per stage) and the device, and exits 0 (1 if a unit failed; 130 after Ctrl-C, having packed too). No unit starts in the
-last `--min_start_s` seconds before that stop.
+image-steps/s, wall time per stage) and the device, and exits 0 (1 if a unit failed; 130 after
+Ctrl-C, having packed too). No unit starts in the last `--min_start_s` seconds before that stop.
 
 The state, relative to the checkout, in the folders `polar_tf.reproduce` reads:
   runs/full_protocol/        trainings in progress, with their checkpoints (a finished training's
