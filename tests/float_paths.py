@@ -53,23 +53,28 @@ def jump_gaps(model: keras.Model, x: np.ndarray) -> np.ndarray:
     frontend = models.get_frontend(model)
     if frontend is None:
         return np.full(len(x), np.inf)
-    z = np.concatenate(list(models.frontend_outputs(model, x)))
-    return np.abs(np.abs(z) - frontend.jump).reshape(len(x), -1).min(axis=1)
+    gaps = [np.abs(np.abs(z) - frontend.jump).reshape(len(z), -1).min(axis=1) for z in models.frontend_outputs(model, x)]
+    return np.concatenate(gaps) if gaps else np.zeros(0)
 
 
 def decided_classes(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """Per example, the class that every computation path predicts, or -1 where rounding decides.
 
-    `certify.interval_bounds` at eps = 0 bounds the logits of the saturated model over every
-    front-end output within `certify.Z_MARGIN` (>= Z_TOLERANCE) of the one computed: an output
-    that close to a jump counts as either of its neighbouring levels, every other output is
-    fixed (with none near a jump, the bounds are one point forward). A class is decided when its
-    lower bound exceeds every other class's upper bound by more than two paths' rounding of the
-    logits (2 * logit_atol); elsewhere (a near-tie of two logits, or a jump output the prediction
-    hangs on) another path may predict another class.
+    The saturated model's logits bounded over every front-end output within `certify.Z_MARGIN`
+    (>= Z_TOLERANCE) of the one computed: an output that close to a jump counts as either of its
+    neighbouring levels (`certify.interval_bounds` at eps = 0, run only on the images that have
+    one), every other output is fixed, and an image with none has one point, its logits. A class
+    is decided when its lower bound exceeds every other class's upper bound by more than two
+    paths' rounding of the logits (2 * logit_atol); elsewhere (a near-tie of two logits, or a
+    jump output the prediction hangs on) another path may predict another class.
     """
     assert certify.Z_MARGIN >= Z_TOLERANCE
-    lo, hi = certify.interval_bounds(model, x, 0.0)
+    with models.as_evaluated(model):
+        lo = models.predict_logits(model, x)
+    hi = lo.copy()
+    near = np.flatnonzero(jump_gaps(model, x) <= certify.Z_MARGIN)
+    if len(near):
+        lo[near], hi[near] = certify.interval_bounds(model, x[near], 0.0)
     best = np.argmax(lo, axis=1)
     rows = np.arange(len(x))
     others = np.where(np.arange(lo.shape[1]) == best[:, None], -np.inf, hi).max(axis=1)

@@ -150,7 +150,7 @@ def test_a_call_stopped_by_its_budget_is_continued_by_the_next_without_redoing_w
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sets its own backend: run once, in the TensorFlow pass")
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="sets its own backend: run once, in the JAX pass")
 def test_on_jax_without_tensorflow_a_budget_too_short_for_any_unit_still_packs_and_exits_0(tmp_path, mnist_subset_dir):
     # The device has JAX but no TensorFlow: the program must not need it.
     code = ("import runpy, sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None; "

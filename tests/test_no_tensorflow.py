@@ -23,7 +23,7 @@ print("trained without tensorflow")
 """
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="sets its own backend: run once, in the TensorFlow pass")
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="sets its own backend: run once, in the JAX pass")
 def test_trains_on_jax_without_tensorflow(mnist_subset_dir):
     env = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, "-c", SCRIPT, mnist_subset_dir], capture_output=True, text=True, env=env)

@@ -38,10 +38,10 @@ def test_pretrained_model_reaches_recorded_clean_accuracy(dataset, model_name):
     # of two logits, or a front-end output within rounding of a jump that the prediction hangs on
     # (the shipped Fashion-MNIST front end leaves 76 of its 19.6 million outputs on these images
     # within 1e-5 of its jump, and up to 45 predictions may depend on them).
-    # Every path's count of correct images, the table's and this one's, lies between the decided
-    # correct ones and those plus the undecided ones.
+    # Every path's count of correct images, the table's included, lies between the decided correct
+    # ones and those plus the undecided ones (this path's own count does, by construction: the
+    # decided classes are its argmax).
     classes = float_paths.decided_classes(model, x)
     sure, unsure = int(np.sum(classes == y)), int(np.sum(classes < 0))
     assert unsure <= 0.05 * n
     assert sure <= round(record["clean_accuracy"] * n) <= sure + unsure
-    assert sure <= np.sum(models.correct(model, x, y)) <= sure + unsure
