@@ -209,7 +209,7 @@ def test_an_evaluation_of_another_model_or_a_missing_folder_is_refused(tmp_path)
         seed_spread.reproduction_runs(str(tmp_path / "nothing"))
 
 
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="runs its own processes: once, in the TensorFlow pass")
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="runs its own process: once, in the JAX pass (quicker start)")
 def test_a_missing_evaluation_folder_is_one_line_and_nothing_is_written(tmp_path):
     model, folders = _fake_run(tmp_path, "a", 0.2, 1, [0.2, 0.4, 0.5], 0.3,
                                dict(clean=0.9, fgsm=0.5, bim=0.3, pgd=0.25, bim_margin=0.2, adaptive=0.1, square=0.15))

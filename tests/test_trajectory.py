@@ -58,6 +58,7 @@ def test_reference_files_are_read_in_keras_layout(tmp_path):
     assert trajectory.reference_trajectory(str(tmp_path), "mnist") == {}  # mnist has no histogram here
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the program, once: in the JAX pass (quicker start)")
 def test_cli_draws_ours_beside_the_reference(tmp_path, mnist, mnist_subset_dir):
     workdir = tmp_path / "run"
     config = Config(dataset="fashion_mnist", jump=0.3, epochs_per_stage=1)
