@@ -313,14 +313,19 @@ def place_rows(x: np.ndarray):
 
 
 def predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's outputs on x as a NumPy array, `model.predict` but for data-parallel runs.
+    """The model's outputs on x as a NumPy array, batch by batch, but for data-parallel runs.
 
-    In a data-parallel run each batch is padded to a multiple of `replica_count()` (Keras' predict
-    needs every batch, the last one included, to split evenly) and split across the devices; the
-    outputs are gathered on every host (Keras' predict cannot fetch them across hosts).
+    On one device each batch is one `model.predict_on_batch`: the compiled function `model.predict`
+    runs, without its data pipeline and callbacks, which cost about 0.08 s a call (40 images of the
+    paper's model: 0.12 s against 0.04 s on the 2-core CPU, TensorFlow), and evaluations make
+    hundreds of small calls. In a data-parallel run each batch is padded to a multiple of
+    `replica_count()` (Keras' predict needs every batch, the last one included, to split evenly)
+    and split across the devices; the outputs are gathered on every host (Keras' predict cannot
+    fetch them across hosts).
     """
     if _jax_shardings() is None:
-        return model.predict(x, batch_size=batch_size, verbose=0)
+        parts = [np.asarray(model.predict_on_batch(x[start : start + batch_size])) for start in range(0, len(x), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, *model.output_shape[1:]), np.float32)
     forward = _JAX_FORWARD.get(model)
     if forward is None:
         import jax
