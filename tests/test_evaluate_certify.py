@@ -1,4 +1,8 @@
-"""evaluate --certify: certified accuracy beside the attacks, checked per example."""
+"""evaluate --certify: certified accuracy beside the attacks, checked per example.
+
+How the suites wire certificates in does not depend on the backend: these run in the TensorFlow
+pass only. Under each backend, tests/test_certify.py checks that certified images survive attacks.
+"""
 
 import os
 
@@ -8,6 +12,8 @@ import pytest
 
 from polar_tf import adaptive, certify, data, evaluation, models, run_dir, training
 from polar_tf.config import Config
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent wiring: the TensorFlow pass's")
 
 
 @pytest.fixture(scope="module")
