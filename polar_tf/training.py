@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import adversarial_training, attacks, backend, certified_training, data, models, monitoring, parallel, plots, run_dir, schedule
+from polar_tf import adversarial_training, attacks, backend, certified_training, cli, data, models, monitoring, parallel, plots, run_dir, schedule
 from polar_tf.config import Config
 
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
@@ -146,16 +146,18 @@ def train_epoch(model, config: Config, epoch: int, x: np.ndarray, y: np.ndarray,
     elif phase.certified:
         fitted = certified_training.trainer(model, config, epoch, len(x), _fit_metrics())
     try:
-        history = fitted.fit(
-            inputs,
-            y_epoch,
-            batch_size=parallel.local_batch_size(config.batch_size),
-            epochs=epoch + 1,
-            initial_epoch=epoch,
-            shuffle=False,
-            verbose=verbose,
-            callbacks=[keras.callbacks.TerminateOnNaN(raise_error=True)],
-        )
+        with cli.interrupts_held() as release:  # Ctrl-C stops fit between batches (cli.interrupts_held)
+            history = fitted.fit(
+                inputs,
+                y_epoch,
+                batch_size=parallel.local_batch_size(config.batch_size),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                shuffle=False,
+                verbose=verbose,
+                callbacks=[keras.callbacks.TerminateOnNaN(raise_error=True),
+                           keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: release())],
+            )
     except RuntimeError as error:  # TerminateOnNaN's: "NaN or Inf loss encountered at batch N. ..."
         raise FloatingPointError(f"at epoch {epoch}: {error} The checkpoints of earlier epochs are kept.") from None
     seconds = time.perf_counter() - start

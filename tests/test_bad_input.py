@@ -313,3 +313,69 @@ def test_an_error_without_an_interrupt_is_still_an_error(capsys):
     finally:
         progress.enable(bars)
     assert exit_.value.code == "prog: error: Invalid affine transformation matrix"
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_during_fit_waits_for_the_end_of_a_batch(monkeypatch, capsys, signum, code):
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # run_main keeps its hook after Ctrl-C.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.zeros((40, 4), np.float32), np.zeros((40, 2), np.float32)
+    ends = []
+
+    def batch_end(batch, logs):
+        if batch == 1:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.5)  # Python runs a signal's handler here, between two bytecodes: it holds it.
+        ends.append(batch)
+
+    def body():
+        with cli.interrupts_held() as release:
+            model.fit(x, y, batch_size=10, epochs=1, verbose=0, callbacks=[
+                keras.callbacks.LambdaCallback(on_train_batch_end=batch_end),
+                keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: release())])
+        raise AssertionError("the interrupt was lost")
+
+    previous, bars = signal.signal(signal.SIGINT, signal.default_int_handler), progress.enabled()
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run_main("prog", body)
+        # The handlers are back: outside fit, an interrupt raises at once.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.enable(bars)
+    assert exit_.value.code == code
+    assert ends == [0, 1]  # batch 1's callback ran to its end; the release after it stopped fit
+    assert capsys.readouterr().err == "prog: interrupted\n"
+
+
+def test_held_interrupts_run_their_handler_once_when_released_or_at_the_end():
+    class Delivered(Exception):
+        pass
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Delivered
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Delivered):
+            with cli.interrupts_held() as release:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                calls.append("held")
+                release()
+        assert calls == ["held", signal.SIGTERM]  # once, when released
+        with pytest.raises(Delivered):
+            with cli.interrupts_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                calls.append("held")
+        assert calls == ["held", signal.SIGTERM] * 2  # at the end of the block
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
