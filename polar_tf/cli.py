@@ -287,10 +287,10 @@ def interrupts_held() -> Iterator[Callable[[], None]]:
         signal.signal(signum, hold)
     try:
         yield release
-        release()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        release()  # also when the block raised: the interrupt came, and is reported as one
 
 
 def run_main(program: str, body: Callable[[], None]) -> None:

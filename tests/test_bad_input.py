@@ -379,3 +379,22 @@ def test_held_interrupts_run_their_handler_once_when_released_or_at_the_end():
         assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_interrupt_held_while_the_block_fails_is_still_delivered():
+    class Delivered(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Delivered
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Delivered) as raised:
+            with cli.interrupts_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+                raise ValueError("an error of the block's own")
+        assert isinstance(raised.value.__context__, ValueError)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
