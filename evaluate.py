@@ -21,38 +21,42 @@ with one line `evaluate.py: error: ...` (exit 1), Ctrl-C with `evaluate.py: inte
 
 import sys
 
+from absl import app, flags
+
 from polar_tf import cli
-
-cli.quiet_startup()  # First: TensorFlow logs while it loads, and the imports below load it.
-
-from absl import app, flags  # noqa: E402
-
-from polar_tf import parallel, suites  # noqa: E402
+from polar_tf.config import DISTRIBUTIONS
+from polar_tf.evaluation_config import FIELDS, SUITES
 
 FLAGS = flags.FLAGS
 PROGRAM = "evaluate.py"
 
 
 def define_flags() -> None:
-    for config in suites.SUITES.values():
+    for config in SUITES.values():
         cli.define_config_flags(config)
     cli.define_data_dir_flag()
     flags.adopt_module_key_flags(cli)  # --help lists them with the flags below
     flags.DEFINE_list("model_path", None, "A .keras file or a training workdir; several, comma-separated, are compared.")
     flags.DEFINE_string("output_dir", None, "Where results and plots go (default: the first model's folder).")
-    flags.DEFINE_enum("suite", "standard", list(suites.SUITES), "standard: the paper's attacks; adaptive: every attack, worst case, masking checks.")
+    flags.DEFINE_enum("suite", "standard", list(SUITES), "standard: the paper's attacks; adaptive: every attack, worst case, masking checks.")
     flags.DEFINE_bool("quick", False, "Budgets of a one-minute try on a CPU, not the protocol (flags given win).")
     flags.DEFINE_bool("allow_dataset_mismatch", False, "Evaluate on --dataset even if a model was trained on another.")
-    flags.DEFINE_enum("distribute", "none", list(parallel.CHOICES),
+    flags.DEFINE_enum("distribute", "none", list(DISTRIBUTIONS),
                       "data_parallel: split the attacks' and certify's batches across all devices (JAX backend; BUILD.md).")
 
 
 def main(argv):
     del argv  # cli.flags_parser has rejected positional arguments.
-    given = {name: FLAGS[name].value for name in suites.FIELDS if FLAGS[name].present}
-    cli.run_main(PROGRAM, lambda: suites.run(
-        FLAGS.suite, FLAGS.model_path or [], given, FLAGS.output_dir, FLAGS.data_dir, " ".join(["python", *sys.argv]),
-        FLAGS.quick, FLAGS.allow_dataset_mismatch, FLAGS.distribute))
+    cli.run_main(PROGRAM, evaluate)
+
+
+def evaluate() -> None:
+    # Keras loads here, once the flags are parsed (as in train.py).
+    from polar_tf import suites
+
+    given = {name: FLAGS[name].value for name in FIELDS if FLAGS[name].present}
+    suites.run(FLAGS.suite, FLAGS.model_path or [], given, FLAGS.output_dir, FLAGS.data_dir,
+               " ".join(["python", *sys.argv]), FLAGS.quick, FLAGS.allow_dataset_mismatch, FLAGS.distribute)
 
 
 if __name__ == "__main__":

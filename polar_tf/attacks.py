@@ -48,12 +48,8 @@ from polar_tf import backend, driver, losses, models
 from polar_tf.config import BACKWARDS, check_choice
 # Public names of this module that live in the driver, kept for their callers.
 from polar_tf.driver import INVARIANT_TOLERANCE, AttackInvariantError, check_adversarial  # noqa: F401
+from polar_tf.evaluation_config import DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
-
-ATTACKS = ("fgsm", "bim", "pgd")
-LOSSES = ("ce", "cw")
-DEFAULT_STEPS = 100
-DEFAULT_RESTARTS = 20
 
 
 def per_example_loss(logits, y, loss: str = "ce"):

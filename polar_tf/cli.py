@@ -302,8 +302,10 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     job; a job started with `&` ignores SIGINT) is an interrupt too, and exits 143 (128 + SIGTERM).
     An error raised after an interrupt came is the interrupt's doing (`Interrupts`) and is reported
     as the interrupt. What `body` wrote before is kept: files are written atomically. Attacks show
-    their progress bars (`polar_tf.progress`).
+    their progress bars (`polar_tf.progress`). TensorFlow's start-up logs are hidden (`quiet_startup`):
+    an entry point that imports Keras only in `body` parses its flags without loading it.
     """
+    quiet_startup()
     from polar_tf import progress  # Here, not at the top: it imports Keras.
 
     interrupted = False

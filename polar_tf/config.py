@@ -23,6 +23,8 @@ BACKWARDS = ("identity", "smooth")
 # (weights and biases uniform in +-1/sqrt(fan_in)), which the original implementation kept;
 # "glorot" is Keras' default (Glorot-uniform weights, zero biases).
 CLASSIFIER_INITS = ("uniform_fan_in", "glorot")
+# Where training and attacks run (`polar_tf.parallel`): one device, or data-parallel on every device.
+DISTRIBUTIONS = ("none", "data_parallel")
 
 # Per-dataset defaults of the paper: the front end's jump c and the attack size eps. The paper does
 # not say which jump its Fashion-MNIST row used; the original's training script defaults to 0.2 and

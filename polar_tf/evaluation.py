@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from polar_tf import attacks, certify, data, evaluation_figures, losses, models, plots, report, results_dir, results_md, run_dir
-from polar_tf.evaluation_config import EvalConfig
+from polar_tf.evaluation_config import ATTACKS, EvalConfig
 
 DEFAULT_DATASET = "mnist"  # for a model whose training config is unknown
 
@@ -79,7 +79,7 @@ def run_attack(name: str, model: keras.Model, x: np.ndarray, y: np.ndarray, eps:
             model, x, y, step_size=config.step_size_at(eps), steps=config.steps, restarts=config.restarts,
             seed=config.seed, **common,
         )
-    raise ValueError(f"attack must be one of {', '.join(attacks.ATTACKS)}. Received: {name!r}")
+    raise ValueError(f"attack must be one of {', '.join(ATTACKS)}. Received: {name!r}")
 
 
 def evaluate(

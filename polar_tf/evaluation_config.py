@@ -10,10 +10,17 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, LOSSES
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS, check_choice, choice
-from polar_tf.square import DEFAULT_P_INIT, DEFAULT_QUERIES
 
+# The paper's attacks, the losses they maximize, and their budgets (`polar_tf.attacks`).
+ATTACKS = ("fgsm", "bim", "pgd")
+LOSSES = ("ce", "cw")
+DEFAULT_STEPS = 100
+DEFAULT_RESTARTS = 20
+# The Square attack's budget and first square size (`polar_tf.square`): AutoAttack's standard for
+# L-inf; its p_init is also the Square authors' on MNIST.
+DEFAULT_QUERIES = 5000
+DEFAULT_P_INIT = 0.8
 HALF = 0.5  # the adaptive suite's eps stays below it (its eps_to_half check attacks up to it)
 
 # --quick: budgets that finish in about a minute on a 2-core CPU, to try the commands; not the
@@ -233,3 +240,9 @@ class AdaptiveConfig:
             raise ValueError(f"steepness must be > 0. Received: steepness={self.steepness}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be an integer >= 0. Received: seed={self.seed}")
+
+
+# evaluate.py's suites (`polar_tf.suites`), each with its config.
+SUITES = {"standard": EvalConfig, "adaptive": AdaptiveConfig}
+# Every setting flag of evaluate.py: the fields of both configs, each once.
+FIELDS = tuple(dict.fromkeys(field.name for cls in SUITES.values() for field in dataclasses.fields(cls)))

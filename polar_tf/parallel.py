@@ -22,8 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from polar_tf import backend
-
-CHOICES = ("none", "data_parallel")
+from polar_tf.config import DISTRIBUTIONS
 
 
 @contextlib.contextmanager
@@ -36,8 +35,8 @@ def scope(distribute: str = "none") -> Iterator[None]:
     Raises:
       ValueError: an unknown choice, or "data_parallel" where the backend cannot run it.
     """
-    if distribute not in CHOICES:
-        raise ValueError(f"distribute must be one of {', '.join(CHOICES)}. Received: distribute={distribute!r}")
+    if distribute not in DISTRIBUTIONS:
+        raise ValueError(f"distribute must be one of {', '.join(DISTRIBUTIONS)}. Received: distribute={distribute!r}")
     if distribute == "none":
         yield
         return

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from polar_tf import report
-from polar_tf.attacks import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS
 from polar_tf.config import DEFAULT_EPS
-from polar_tf.evaluation_config import AdaptiveConfig
+from polar_tf.evaluation_config import ATTACKS, DEFAULT_RESTARTS, DEFAULT_STEPS, AdaptiveConfig
 
 ATTACK_NAMES = {"fgsm": "FGSM", "bim": "BIM", "pgd": "PGD"}  # the paper's attacks
 ADAPTIVE_NAMES = {"fgsm": "FGSM", "pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T",

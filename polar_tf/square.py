@@ -48,9 +48,8 @@ from absl import logging
 from keras import ops
 
 from polar_tf import backend, driver, losses, models, progress
+from polar_tf.evaluation_config import DEFAULT_P_INIT, DEFAULT_QUERIES
 
-DEFAULT_QUERIES = 5000
-DEFAULT_P_INIT = 0.8  # AutoAttack's for L-inf, and the Square authors' on MNIST
 # The reference's schedule: iteration (per 10,000) after which p is halved once more.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 _UNCHANGED = 1e-7

@@ -2,7 +2,7 @@
 
   "standard": the paper's attacks (`polar_tf.evaluation`, config `EvalConfig`);
   "adaptive": every attack, the worst case and the masking checks (`polar_tf.adaptive`, `AdaptiveConfig`).
-evaluate.py's flags are both configs' fields (`cli.define_config_flags`); a flag that only the other
+evaluate.py's flags are both configs' fields (`evaluation_config.FIELDS`); a flag that only the other
 suite has is refused, so that no setting given is silently left unused.
 """
 
@@ -12,11 +12,8 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 from polar_tf import adaptive, cli, evaluation, parallel, results_md
-from polar_tf.evaluation_config import QUICK, AdaptiveConfig, EvalConfig
+from polar_tf.evaluation_config import QUICK, SUITES, AdaptiveConfig, EvalConfig
 
-SUITES = {"standard": EvalConfig, "adaptive": AdaptiveConfig}
-# Every setting flag of evaluate.py: the fields of both configs, each once.
-FIELDS = tuple(dict.fromkeys(field.name for cls in SUITES.values() for field in dataclasses.fields(cls)))
 WHY_NOT = {"adaptive": "it runs every attack; its PGD takes --pgd_steps and --pgd_restarts",
            "standard": "they are the adaptive suite's settings"}
 

@@ -9,7 +9,7 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import attacks, backend, losses, models
+from polar_tf import attacks, backend, evaluation_config, losses, models
 from polar_tf.frontend import PolarizingFrontEnd, Saturation
 
 EPS = 0.1
@@ -114,7 +114,7 @@ def test_adversarial_examples_stay_in_ball_and_range(polarized_model, name, eps)
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-@pytest.mark.parametrize("loss", attacks.LOSSES)
+@pytest.mark.parametrize("loss", evaluation_config.LOSSES)
 def test_eps_zero_returns_x(cnn, name, loss):
     x, y = random_batch(5)
     np.testing.assert_array_equal(ATTACKS[name](cnn, x, y, 0.0, loss=loss), x)

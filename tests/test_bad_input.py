@@ -99,6 +99,28 @@ def test_every_entry_point_answers_bad_flags_with_one_line(program, args, expect
     assert result.stderr.splitlines() == [expected]
 
 
+@cli_once
+@pytest.mark.parametrize(
+    "program, args",
+    [("train.py", ["--datset=mnist"]), ("train.py", ["--help"]), ("evaluate.py", ["--loss=hinge"]),
+     ("evaluate.py", ["--suite=robustbench"])],
+)
+def test_the_scripts_answer_their_flags_before_loading_keras(program, args):
+    # Loading Keras takes 3-6 s on the 2-core CPU (TensorFlow with it): a mistyped flag or --help
+    # is answered without it. `-X importtime` lists every module the process imports on stderr;
+    # POLAR_TF_VERBOSE keeps cli.quiet_startup from hiding stderr while it imports Keras.
+    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, program), *args],
+                            capture_output=True, text=True, cwd=ROOT, env={**USER_ENV, cli.VERBOSE_ENV: "1"})
+    imported = {line.split("|")[-1].strip().split(".")[0]
+                for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert {"absl", "polar_tf"} <= imported  # the list is complete enough to show the flag modules
+    assert not imported & {"keras", "tensorflow", "jax", "numpy"}, sorted(imported)
+    if args == ["--help"]:
+        assert "--dataset: <mnist|fashion_mnist>" in result.stdout  # absl's help (it exits 1)
+    else:
+        assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith(f"{program}: error: ")
+
+
 @tensorflow_once
 @pytest.mark.parametrize(
     "program, args, expected",

@@ -6,7 +6,7 @@ import shlex
 import pytest
 from absl import flags
 
-from polar_tf import cli, report, suites
+from polar_tf import cli, evaluation_config, report, suites
 from polar_tf.config import Config
 from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig, parse_eps_sweep
 from polar_tf.reproduction_protocol import Protocol
@@ -85,9 +85,9 @@ def test_train_command_parses_back_to_the_config(config):
 ])
 def test_evaluate_command_parses_back_to_the_config_of_its_suite(config):
     command = report.evaluate_command(["a.keras", "b.keras"], config, "out dir", "/data")
-    values = _parse(command, *suites.SUITES.values())
+    values = _parse(command, *evaluation_config.SUITES.values())
     assert (values.suite or "standard") == ("adaptive" if isinstance(config, AdaptiveConfig) else "standard")
-    given = {name: values[name].value for name in suites.FIELDS if values[name].present}
+    given = {name: values[name].value for name in evaluation_config.FIELDS if values[name].present}
     suite = values.suite or "standard"
     assert suites.suite_config(suite, ["a.keras", "b.keras"], given) == config
     assert (values.model_path, values.output_dir, values.data_dir) == ("a.keras,b.keras", "out dir", "/data")

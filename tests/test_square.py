@@ -6,11 +6,11 @@ import pytest
 from keras import ops
 
 import float_paths
-from polar_tf import attacks, losses, models, square
+from polar_tf import attacks, evaluation_config, losses, models, square
 
 
 def test_square_schedule():
-    assert square.DEFAULT_P_INIT == 0.8 and square.DEFAULT_QUERIES == 5000  # AutoAttack's standard
+    assert evaluation_config.DEFAULT_P_INIT == 0.8 and evaluation_config.DEFAULT_QUERIES == 5000  # AutoAttack's standard
     assert square.p_selection(0.8, 0, 5000) == 0.8
     assert square.p_selection(0.8, 10, 5000) == 0.8 and square.p_selection(0.8, 11, 5000) == 0.4
     assert square.p_selection(0.8, 4999, 5000) == 0.8 / 128  # past 4000 of the fixed schedule

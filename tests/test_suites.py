@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from polar_tf import suites
+from polar_tf import evaluation_config, suites
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,9 +18,9 @@ def test_flags_of_the_other_suite_are_refused_and_quick_fills_only_what_is_not_g
 
 def test_the_dataset_is_the_models_unless_given():
     shipped = os.path.join(ROOT, "pretrained", "fashion_mnist_polarized.keras")
-    for suite in suites.SUITES:
+    for suite in evaluation_config.SUITES:
         config = suites.suite_config(suite, [shipped], {})
-        assert (type(config), config.dataset, config.eps) == (suites.SUITES[suite], "fashion_mnist", 0.1)
+        assert (type(config), config.dataset, config.eps) == (evaluation_config.SUITES[suite], "fashion_mnist", 0.1)
     with pytest.raises(ValueError, match="trained on fashion_mnist, not mnist"):
         suites.suite_config("standard", [shipped], {"dataset": "mnist"})
     assert suites.suite_config("standard", [shipped], {"dataset": "mnist"}, allow_dataset_mismatch=True).dataset == "mnist"
