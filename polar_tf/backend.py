@@ -316,8 +316,8 @@ def predict(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """The model's outputs on x as a NumPy array, batch by batch, but for data-parallel runs.
 
     On one device each batch is one `model.predict_on_batch`: the compiled function `model.predict`
-    runs, without its data pipeline and callbacks, which cost about 0.08 s a call (40 images of the
-    paper's model: 0.12 s against 0.04 s on the 2-core CPU, TensorFlow), and evaluations make
+    runs, without its data pipeline and callbacks, which cost 55-90 ms a call on TensorFlow (4-6
+    times the call itself for 40 images: BENCHMARKS.md, "Small predictions"), and evaluations make
     hundreds of small calls. In a data-parallel run each batch is padded to a multiple of
     `replica_count()` (Keras' predict needs every batch, the last one included, to split evenly)
     and split across the devices; the outputs are gathered on every host (Keras' predict cannot
