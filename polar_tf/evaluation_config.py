@@ -21,6 +21,7 @@ DEFAULT_RESTARTS = 20
 # L-inf; its p_init is also the Square authors' on MNIST.
 DEFAULT_QUERIES = 5000
 DEFAULT_P_INIT = 0.8
+
 HALF = 0.5  # the adaptive suite's eps stays below it (its eps_to_half check attacks up to it)
 
 # --quick: budgets that finish in about a minute on a 2-core CPU, to try the commands; not the
