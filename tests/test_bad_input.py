@@ -106,7 +106,7 @@ def test_every_entry_point_answers_bad_flags_with_one_line(program, args, expect
      ("evaluate.py", ["--suite=robustbench"])],
 )
 def test_the_scripts_answer_their_flags_before_loading_keras(program, args):
-    # Loading Keras takes 3-6 s on the 2-core CPU (TensorFlow with it): a mistyped flag or --help
+    # Loading Keras takes 3-10 s on the 2-core CPU (with TensorFlow or JAX): a mistyped flag or --help
     # is answered without it. `-X importtime` lists every module the process imports on stderr;
     # POLAR_TF_VERBOSE keeps cli.quiet_startup from hiding stderr while it imports Keras.
     result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, program), *args],
