@@ -356,8 +356,10 @@ def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str 
                 if (frontend := models.get_frontend(model)) is not None:
                     run_dir.save_filters(workdir, epoch + 1, keras.ops.convert_to_numpy(frontend.kernel))
                 logging.info("%s", epoch_summary(config, record, models.get_frontend(model) is not None))
-            run_dir.save_model(model, run_dir.checkpoint_path(workdir, config, s))
+            # The stage's checkpoint last: it marks the stage complete (`_resume`), so a stop
+            # while plotting leaves the stage to be finished, plots and all, by the next call.
             _stage_plots(model, config, workdir, s, train[0])
+            run_dir.save_model(model, run_dir.checkpoint_path(workdir, config, s))
     finally:
         tensorboard.close()
     if model is None:

@@ -178,3 +178,28 @@ def test_epoch_summary_labels_each_accuracy_with_the_model_it_measures():
     assert "fit_accuracy 0.6530 (on PGD inputs, mean" in adversarial and "; train acc 0.6792" in adversarial
     baseline = training.epoch_summary(Config(model="baseline"), record, has_frontend=False)
     assert "fit_accuracy 0.6530 (mean over the epoch's batches); train acc 0.6792, test acc 0.7000" in baseline
+
+
+def test_a_stop_while_plotting_a_stage_leaves_the_stage_to_finish_with_its_plots(tmp_path, mnist_subset_dir, monkeypatch):
+    config = Config(epochs_per_stage=1, train_examples=64)
+    workdir = str(tmp_path)
+    plot = training._stage_plots
+
+    def stopped(model, config, workdir, stage, x_train):
+        if stage == 2:
+            raise KeyboardInterrupt
+        plot(model, config, workdir, stage, x_train)
+
+    monkeypatch.setattr(training, "_stage_plots", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        training.train_and_evaluate(config, workdir, "all", mnist_subset_dir)
+    assert os.path.isfile(os.path.join(workdir, "stage1.keras")) and not os.path.isfile(os.path.join(workdir, "stage2.keras"))
+    metrics = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["epoch"] for r in metrics.read()] == [0, 1]
+
+    monkeypatch.setattr(training, "_stage_plots", plot)
+    training.train_and_evaluate(config, workdir, "all", mnist_subset_dir)
+    assert [r["epoch"] for r in metrics.read()] == [0, 1, 2]  # epoch 1 was not trained again
+    for stage in (1, 2, 3):
+        assert os.path.isfile(os.path.join(workdir, f"stage{stage}.keras"))
+        assert os.path.isfile(os.path.join(workdir, "plots", f"stage{stage}_histogram.png"))
