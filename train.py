@@ -35,16 +35,16 @@ def define_flags() -> None:
 
 def main(argv):
     del argv  # cli.flags_parser has rejected positional arguments.
-    cli.run_main(PROGRAM, train)
+    cli.run_main(PROGRAM, train, prepare=lambda: cli.config_from_flags(Config))
 
 
-def train() -> None:
-    # Keras loads here, once the flags are parsed: a mistyped flag is answered in a fraction of a
-    # second, not after the 3-10 s that loading Keras takes (with TensorFlow, or JAX) on a 2-core CPU.
+def train(config: Config) -> None:
+    # Keras loads here, once the flags are parsed and the config checked: a mistyped flag or a value
+    # out of range is answered in a fraction of a second, not after the 3-10 s that loading Keras
+    # takes (with TensorFlow, or JAX) on a 2-core CPU.
     from polar_tf import training
 
-    training.train(cli.config_from_flags(Config), FLAGS.workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose,
-                   FLAGS.distribute, FLAGS.export_dir)
+    training.train(config, FLAGS.workdir, FLAGS.stage, FLAGS.data_dir, FLAGS.verbose, FLAGS.distribute, FLAGS.export_dir)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import os
 import re
@@ -293,8 +294,11 @@ def interrupts_held() -> Iterator[Callable[[], None]]:
         release()  # also when the block raised: the interrupt came, and is reported as one
 
 
-def run_main(program: str, body: Callable[[], None]) -> None:
+def run_main(program: str, body: Callable[..., None], prepare: Callable[[], Any] | None = None) -> None:
     """Runs `body` and turns what a user can cause into one line on stderr, without a traceback.
+
+    `prepare`, if given, runs first and its result is `body`'s argument: the checks that need no
+    Keras (a `Config` from the flags), whose ValueError is then answered before Keras loads.
 
     Bad values, missing or damaged files and a diverging loss exit 1 with `<program>: error: ...`;
     Ctrl-C exits 130 (128 + SIGINT, as a shell reports it) with `<program>: interrupted`, followed
@@ -305,6 +309,11 @@ def run_main(program: str, body: Callable[[], None]) -> None:
     their progress bars (`polar_tf.progress`). TensorFlow's start-up logs are hidden (`quiet_startup`):
     an entry point that imports Keras only in `body` parses its flags without loading it.
     """
+    if prepare is not None:
+        try:
+            body = functools.partial(body, prepare())
+        except ValueError as e:
+            sys.exit(f"{program}: error: {one_line(e)}")
     quiet_startup()
     from polar_tf import progress  # Here, not at the top: it imports Keras.
 

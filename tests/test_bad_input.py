@@ -102,7 +102,7 @@ def test_every_entry_point_answers_bad_flags_with_one_line(program, args, expect
 @cli_once
 @pytest.mark.parametrize(
     "program, args",
-    [("train.py", ["--datset=mnist"]), ("train.py", ["--help"]), ("evaluate.py", ["--loss=hinge"]),
+    [("train.py", ["--datset=mnist"]), ("train.py", ["--help"]), ("train.py", ["--jump=0"]), ("evaluate.py", ["--loss=hinge"]),
      ("evaluate.py", ["--suite=robustbench"])],
 )
 def test_the_scripts_answer_their_flags_before_loading_keras(program, args):
