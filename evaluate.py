@@ -25,7 +25,7 @@ from absl import app, flags
 
 from polar_tf import cli
 from polar_tf.config import DISTRIBUTIONS
-from polar_tf.evaluation_config import FIELDS, SUITES
+from polar_tf.evaluation_config import FIELDS, SUITES, settings_config
 
 FLAGS = flags.FLAGS
 PROGRAM = "evaluate.py"
@@ -47,14 +47,20 @@ def define_flags() -> None:
 
 def main(argv):
     del argv  # cli.flags_parser has rejected positional arguments.
-    cli.run_main(PROGRAM, evaluate)
+    cli.run_main(PROGRAM, evaluate, prepare=checked_settings)
 
 
-def evaluate() -> None:
-    # Keras loads here, once the flags are parsed (as in train.py).
+def checked_settings() -> dict:
+    """The setting flags given, checked before Keras loads (`evaluation_config.settings_config`)."""
+    given = {name: FLAGS[name].value for name in FIELDS if FLAGS[name].present}
+    settings_config(FLAGS.suite, given, FLAGS.quick)
+    return given
+
+
+def evaluate(given: dict) -> None:
+    # Keras loads here, once the flags are parsed and checked (as in train.py).
     from polar_tf import suites
 
-    given = {name: FLAGS[name].value for name in FIELDS if FLAGS[name].present}
     suites.run(FLAGS.suite, FLAGS.model_path or [], given, FLAGS.output_dir, FLAGS.data_dir,
                " ".join(["python", *sys.argv]), FLAGS.quick, FLAGS.allow_dataset_mismatch, FLAGS.distribute)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Mapping
 
+from polar_tf import cli
 from polar_tf.config import BACKWARDS, DATASETS, DEFAULT_EPS, check_choice, choice
 
 # The paper's attacks, the losses they maximize, and their budgets (`polar_tf.attacks`).
@@ -247,3 +249,31 @@ class AdaptiveConfig:
 SUITES = {"standard": EvalConfig, "adaptive": AdaptiveConfig}
 # Every setting flag of evaluate.py: the fields of both configs, each once.
 FIELDS = tuple(dict.fromkeys(field.name for cls in SUITES.values() for field in dataclasses.fields(cls)))
+
+WHY_NOT = {"adaptive": "it runs every attack; its PGD takes --pgd_steps and --pgd_restarts",
+           "standard": "they are the adaptive suite's settings"}
+
+
+def settings_config(suite: str, given: Mapping[str, Any], quick: bool = False,
+                    dataset: str | None = None) -> EvalConfig | AdaptiveConfig:
+    """The config of `suite` from its setting flags given on the command line.
+
+    Needs no Keras: evaluate.py checks its flags with it before loading Keras, on the dataset given
+    (or the config's default: the dataset only picks eps's default, which both configs accept).
+
+    Args:
+      suite: "standard" or "adaptive".
+      given: {flag: value} of the setting flags on the command line (raw flag values: lists, text).
+      quick: fill the settings not given from QUICK[suite] (a one-minute try, not the protocol).
+      dataset: the dataset to evaluate on, over `given`'s (`suites.suite_config` resolves it).
+
+    Raises:
+      ValueError: a flag of the other suite is given, or a value is out of range.
+    """
+    cls = SUITES[suite]
+    own = {field.name for field in dataclasses.fields(cls)}
+    foreign = [f"--{name}" for name in given if name not in own]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)} do not apply to --suite={suite} ({WHY_NOT[suite]})")
+    values = {**(QUICK[suite] if quick else {}), **given}
+    return cli.config_from_flags(cls, values if dataset is None else {**values, "dataset": dataset})

@@ -8,38 +8,24 @@ suite has is refused, so that no setting given is silently left unused.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
-from polar_tf import adaptive, cli, evaluation, parallel, results_md
-from polar_tf.evaluation_config import QUICK, SUITES, AdaptiveConfig, EvalConfig
-
-WHY_NOT = {"adaptive": "it runs every attack; its PGD takes --pgd_steps and --pgd_restarts",
-           "standard": "they are the adaptive suite's settings"}
+from polar_tf import adaptive, evaluation, parallel, results_md
+from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig, settings_config
 
 
 def suite_config(suite: str, model_paths: Sequence[str], given: Mapping[str, Any], quick: bool = False,
                  allow_dataset_mismatch: bool = False) -> EvalConfig | AdaptiveConfig:
-    """The config of `suite` from the flags given on the command line.
-
-    Args:
-      suite: "standard" or "adaptive".
-      model_paths: the models to evaluate; the dataset is the one they were trained on unless
-        `given` names one (`evaluation.resolve_dataset`).
-      given: {flag: value} of the setting flags on the command line (raw flag values: lists, text).
-      quick: fill the settings not given from QUICK[suite] (a one-minute try, not the protocol).
-      allow_dataset_mismatch: evaluate on the dataset given even where a model was trained on another.
+    """The config of `suite` from the flags given on the command line (`evaluation_config.settings_config`),
+    on the dataset the models `model_paths` were trained on unless `given` names one
+    (`evaluation.resolve_dataset`; `allow_dataset_mismatch`: evaluate on the dataset given even
+    where a model was trained on another).
 
     Raises:
-      ValueError: a flag of the other suite is given, or a value is out of range.
+      ValueError: a flag of the other suite is given, a value is out of range, or the datasets disagree.
     """
-    cls = SUITES[suite]
-    own = {field.name for field in dataclasses.fields(cls)}
-    foreign = [f"--{name}" for name in given if name not in own]
-    if foreign:
-        raise ValueError(f"{', '.join(foreign)} do not apply to --suite={suite} ({WHY_NOT[suite]})")
     dataset = evaluation.resolve_dataset(model_paths, given.get("dataset"), allow_dataset_mismatch)
-    return cli.config_from_flags(cls, {**(QUICK[suite] if quick else {}), **given, "dataset": dataset})
+    return settings_config(suite, given, quick, dataset)
 
 
 def run(suite: str, model_paths: Sequence[str], given: Mapping[str, Any], output_dir: str | None = None,

@@ -103,7 +103,7 @@ def test_every_entry_point_answers_bad_flags_with_one_line(program, args, expect
 @pytest.mark.parametrize(
     "program, args",
     [("train.py", ["--datset=mnist"]), ("train.py", ["--help"]), ("train.py", ["--jump=0"]), ("evaluate.py", ["--loss=hinge"]),
-     ("evaluate.py", ["--suite=robustbench"])],
+     ("evaluate.py", ["--suite=robustbench"]), ("evaluate.py", ["--eps=1.5"]), ("evaluate.py", ["--suite=adaptive", "--steps=3"])],
 )
 def test_the_scripts_answer_their_flags_before_loading_keras(program, args):
     # Loading Keras takes 3-10 s on the 2-core CPU (with TensorFlow or JAX): a mistyped flag or --help
