@@ -92,6 +92,7 @@ def evaluate_adaptive(model_paths: Sequence[str], config: AdaptiveConfig, output
     for path, model in zip([*paths, config.transfer_from], [*loaded, source]):
         if model is not None:
             report.check_model(model, path, x, y)
+    results_dir.make_output_dir(output_dir)
     eps = float(config.eps)
     x_transfer = None
     if source is not None:
@@ -120,7 +121,6 @@ def evaluate_adaptive(model_paths: Sequence[str], config: AdaptiveConfig, output
         with results_dir.keep_on_interrupt(output_dir, results, unfinished):
             results["models"].append(evaluate_model(model, label, x, y, config, x_transfer, path, progress))
         results["total_seconds"] = earlier + time.perf_counter() - started
-    os.makedirs(output_dir, exist_ok=True)
     results_dir.write_results(output_dir, results, adaptive_markdown(results))
     logging.info("Wrote results.json and results.md to %s", output_dir)
     return results

@@ -134,3 +134,31 @@ def test_results_finished_on_another_machine_say_where_each_part_ran():
     same = dict(earlier, models=[{}])
     results_dir.merge_environment(same, same_copy := dict(same))
     assert same_copy == same
+
+
+def _refused_before_any_attack(monkeypatch, suite, model_path, output_dir, message):
+    def attacked(*args, **kwargs):
+        raise AssertionError("an attack ran")
+
+    monkeypatch.setattr(evaluation, "_evaluate_model", attacked)
+    monkeypatch.setattr(adaptive, "evaluate_model", attacked)
+    evaluate = evaluation.evaluate if suite == "standard" else adaptive.evaluate_adaptive
+    config = evaluation.EvalConfig(**SMALL) if suite == "standard" else adaptive.AdaptiveConfig(num_examples=10)
+    with pytest.raises(OSError, match=message):
+        evaluate([model_path], config, output_dir)
+
+
+@pytest.mark.parametrize("suite", ["standard", "adaptive"])
+def test_a_folder_that_cannot_be_made_is_refused_before_any_attack(tmp_path, tiny_model_path, monkeypatch, suite):
+    (tmp_path / "file").write_text("")
+    _refused_before_any_attack(monkeypatch, suite, tiny_model_path, str(tmp_path / "file" / "results"),
+                               r"^output folder .*/file/results cannot be created: Not a directory$")
+
+
+@pytest.mark.parametrize("suite", ["standard", "adaptive"])
+def test_a_read_only_folder_is_refused_before_any_attack(tmp_path, tiny_model_path, monkeypatch, suite):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)
+    if os.access(read_only, os.W_OK):
+        pytest.skip("this user (root) may write into a read-only folder")
+    _refused_before_any_attack(monkeypatch, suite, tiny_model_path, str(read_only), r"^output folder .*/read_only is not writable$")
