@@ -34,8 +34,9 @@ DEFAULT_DATASET = "mnist"  # for a model whose training config is unknown
 
 
 def model_dataset(model_path: str) -> str | None:
-    """The dataset a model was trained on (its workdir's or shipped config), or None if unknown."""
-    config = run_dir.trained_config(model_path)
+    """The dataset a model was trained on (its workdir's or shipped config), or None if unknown;
+    a model that does not exist is refused (`run_dir.CheckpointError`)."""
+    config = run_dir.trained_config(run_dir.resolve_model_path(model_path))
     return config.dataset if config else None
 
 

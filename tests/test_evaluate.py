@@ -53,6 +53,7 @@ def test_cli_errors_are_one_line(args, message):
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert _last_line(done.stderr).startswith("evaluate.py: error:") and message in _last_line(done.stderr)
+    assert len(done.stderr.splitlines()) == 1, done.stderr  # no warning before it (of a model's unknown dataset)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="backend-independent CLI glue")

@@ -95,6 +95,8 @@ def test_a_model_knows_its_dataset(polarized_workdir, tiny_model_path):
     assert evaluation.model_dataset(polarized_workdir) == "mnist"  # its run's config.json
     assert evaluation.model_dataset(os.path.join(polarized_workdir, "stage3.keras")) == "mnist"  # a checkpoint's too
     assert evaluation.model_dataset(tiny_model_path) is None
+    with pytest.raises(run_dir.CheckpointError, match="^model /nonexistent.keras does not exist"):
+        evaluation.model_dataset("/nonexistent.keras")  # not a model of unknown dataset
     assert evaluation.resolve_dataset([shipped]) == "fashion_mnist"
     assert evaluation.resolve_dataset([tiny_model_path]) == evaluation.DEFAULT_DATASET
     assert evaluation.resolve_dataset([shipped], "fashion_mnist") == "fashion_mnist"
