@@ -92,7 +92,7 @@ def evaluate_adaptive(model_paths: Sequence[str], config: AdaptiveConfig, output
     for path, model in zip([*paths, config.transfer_from], [*loaded, source]):
         if model is not None:
             report.check_model(model, path, x, y)
-    results_dir.make_output_dir(output_dir)
+    run_dir.make_folder(output_dir, "output folder")  # before the first attack
     eps = float(config.eps)
     x_transfer = None
     if source is not None:

@@ -76,7 +76,8 @@ def first_test_images(dataset: str, num_examples: int, data_dir: str | None = No
 
 def _load_idx_folder(dataset: str, split: str, folder: str, origin: str):
     if not os.path.isdir(folder):
-        raise DataError(f"data directory {folder!r} (from {origin}) does not exist")
+        why = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise DataError(f"data directory {folder!r} (from {origin}) {why}")
     images_name, labels_name = _FILES[split]
     candidates = [os.path.join(folder, dataset), folder]
     for candidate in candidates:

@@ -114,7 +114,7 @@ def evaluate(
         trained_on = model_dataset(path)
         if trained_on not in (None, config.dataset):
             logging.warning("%s was trained on %s and is evaluated on %s", path, trained_on, config.dataset)
-    results_dir.make_output_dir(output_dir)
+    run_dir.make_folder(output_dir, "output folder")  # before the first attack
     results = report.results_header(config, len(x), command, output_dir)
     results["attacks"] = {name: _describe(name, config, config.eps) for name in config.attacks}
     labels = report.unique_labels([report.model_label(p) for p in paths])

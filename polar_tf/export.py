@@ -13,6 +13,7 @@ with one line `polar_tf.export: error: ...` (exit 1).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -26,6 +27,18 @@ import keras  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from polar_tf import models, run_dir  # noqa: E402
+
+
+def check_export_dir(export_dir: str) -> None:
+    """Refuses an export that would fail: no TensorFlow to write the SavedModel with (from the JAX
+    backend Keras converts through jax2tf), or no folder to write it in. `training.train` asks before
+    training, so that the export is not refused only once the model is trained."""
+    if importlib.util.find_spec("tensorflow") is None:  # found without importing it (seconds, and its logs)
+        raise ValueError(f"export_dir needs TensorFlow to write a SavedModel, and it is not installed "
+                         f"(received: export_dir={export_dir})")
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise OSError(f"export_dir {export_dir} is a file, not a folder")
+    run_dir.make_folder(os.path.dirname(os.path.abspath(export_dir)), "the folder of export_dir")
 
 
 def export_saved_model(model: keras.Model, export_dir: str) -> None:
@@ -50,8 +63,8 @@ def export_saved_model(model: keras.Model, export_dir: str) -> None:
         fn=serve,
         input_signature=[keras.InputSpec(shape=(None, *models.IMAGE_SHAPE), dtype="float32", name="images")],
     )
+    check_export_dir(export_dir)
     parent = os.path.dirname(os.path.abspath(export_dir))
-    os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.", suffix=".tmp", dir=parent)
     try:
         archive.write_out(staging, verbose=False)

@@ -36,17 +36,6 @@ def default_output_dir(model_path: str) -> str:
     return os.path.join("runs", "evaluate", os.path.splitext(os.path.basename(path))[0])
 
 
-def make_output_dir(output_dir: str) -> None:
-    """Creates `output_dir` before the first attack: a folder that cannot hold the results is
-    refused at once, not when the first model's attacks are done (an hour of PGD on a CPU)."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise OSError(f"output folder {output_dir} cannot be created: {e.strerror or e}") from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise OSError(f"output folder {output_dir} is not writable")
-
-
 def finished_results(output_dir: str, paths: Sequence[str], config, partial: bool = False) -> dict[str, Any] | None:
     """The results.json in `output_dir` if it holds the models `paths` under the settings `config`
     (an EvalConfig or AdaptiveConfig), else None. With `partial`, the results.partial.json of an

@@ -114,6 +114,19 @@ def remove_stale_temporaries(workdir: str) -> None:
                 os.remove(os.path.join(folder, name))
 
 
+def make_folder(folder: str, what: str) -> None:
+    """Creates `folder` (and its parents) if missing: a folder that cannot hold what is to be written
+    there is refused before the work that writes it, not after. `what` names it in the error."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OSError(f"{what} {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"{what} {folder} cannot be created: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OSError(f"{what} {folder} is not writable")
+
+
 def resolve_model_path(path: str) -> str:
     """A `.keras` file as given, or a training workdir's final checkpoint."""
     if os.path.isdir(path):

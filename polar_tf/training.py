@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from polar_tf import adversarial_training, attacks, backend, certified_training, cli, data, models, monitoring, parallel, plots, run_dir, schedule
+from polar_tf import adversarial_training, attacks, backend, certified_training, cli, data, export, models, monitoring, parallel, plots, run_dir, schedule
 from polar_tf.config import Config
 
 TRAIN_EVAL_EXAMPLES = 10000  # train accuracy of the saturated model is measured on these
@@ -327,6 +327,7 @@ def _train_and_evaluate(config: Config, workdir: str, stage: str, data_dir: str 
     if stages[0] > 1:
         _previous_checkpoint(config, workdir, stages[0])  # Fail before loading any data.
     train, test = data.load_dataset(config.dataset, data_dir, config.train_examples)
+    run_dir.make_folder(workdir, "workdir")
     run_dir.write_config(workdir, config)
     run_dir.remove_stale_temporaries(workdir)
     metrics = run_dir.MetricsLog(os.path.join(workdir, "metrics.jsonl"))
@@ -376,10 +377,11 @@ def default_workdir(config: Config) -> str:
 def train(config: Config, workdir: str | None = None, stage: str = "all", data_dir: str | None = None,
           verbose: int = 0, distribute: str = "none", export_dir: str | None = None) -> keras.Model | None:
     """train.py: `train_and_evaluate` into `workdir` (default: `default_workdir`), then, if
-    `export_dir` is given, the trained model exported there as a TensorFlow SavedModel."""
+    `export_dir` is given, the trained model exported there as a TensorFlow SavedModel (an export
+    that would fail is refused before training)."""
+    if export_dir:
+        export.check_export_dir(export_dir)
     model = train_and_evaluate(config, workdir or default_workdir(config), stage, data_dir, verbose, distribute)
     if export_dir:
-        from polar_tf import export  # Here: it needs TensorFlow.
-
         export.export_saved_model(model, export_dir)
     return model

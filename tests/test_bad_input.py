@@ -56,6 +56,7 @@ def _last_line(result):
         (["--jump=0"], "train.py: error: jump must be in (0, 1). Received: jump=0.0"),
         (["--epochs_per_stage=-1"], "train.py: error: epochs_per_stage must be a positive integer. Received: epochs_per_stage=-1"),
         (["--data_dir=/nonexistent/data"], "train.py: error: data directory '/nonexistent/data' (from --data_dir) does not exist"),
+        (["--export_dir=/dev/null/export"], "train.py: error: the folder of export_dir /dev/null is a file, not a folder"),
     ],
 )
 def test_train_py_rejects_bad_flags(tmp_path, args, expected):

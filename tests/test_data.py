@@ -96,6 +96,9 @@ def test_labels_out_of_range(tmp_path):
 def test_missing_directory_and_missing_files(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
         data.load("mnist", "train", str(tmp_path / "nowhere"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(data.DataError, match=r"^data directory '.*/a_file' \(from --data_dir\) is a file, not a folder$"):
+        data.load("mnist", "train", str(tmp_path / "a_file"))
     with pytest.raises(data.DataError, match="no mnist test IDX files found .*looked for"):
         data.load("mnist", "test", str(tmp_path))
 

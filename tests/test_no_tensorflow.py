@@ -17,6 +17,12 @@ os.environ["KERAS_BACKEND"] = "jax"
 import polar_tf
 from polar_tf import config, run_dir, training
 workdir = tempfile.mkdtemp()
+try:  # a SavedModel needs TensorFlow: refused before training, not after
+    training.train(config.Config(), os.path.join(workdir, "run"), export_dir=os.path.join(workdir, "export"))
+except ValueError as e:
+    assert str(e).startswith("export_dir needs TensorFlow to write a SavedModel, and it is not installed"), e
+    assert os.listdir(workdir) == []
+    print("export refused before training")
 training.train_and_evaluate(config.Config(epochs_per_stage=1, train_examples=64), workdir, "all", sys.argv[1])
 assert os.path.isfile(os.path.join(workdir, "stage3.keras"))
 print("trained without tensorflow")
@@ -28,5 +34,5 @@ def test_trains_on_jax_without_tensorflow(mnist_subset_dir):
     env = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, "-c", SCRIPT, mnist_subset_dir], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "trained without tensorflow" in result.stdout
+    assert "export refused before training" in result.stdout and "trained without tensorflow" in result.stdout
     assert "TensorFlow is not installed: no TensorBoard events" in result.stderr

@@ -125,3 +125,15 @@ def test_a_fresh_checkout_evaluates_the_shipped_model_only_where_its_config_is_t
     assert run_dir.shipped_model(str(pretrained), config.replace(model="baseline"), str(root / "mnist_baseline")) is None
     run_dir.write_config(workdir, config)  # a run of its own (even an unfinished one) is resumed instead
     assert run_dir.shipped_model(str(pretrained), config, workdir) is None
+
+
+def test_make_folder_creates_parents_and_names_what_it_cannot_make(tmp_path):
+    run_dir.make_folder(str(tmp_path / "a" / "b"), "workdir")
+    assert (tmp_path / "a" / "b").is_dir()
+    run_dir.make_folder(str(tmp_path / "a" / "b"), "workdir")  # an existing folder is fine
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(OSError, match=r"^workdir .*/file is a file, not a folder$"):
+        run_dir.make_folder(str(tmp_path / "file"), "workdir")
+    with pytest.raises(OSError, match=r"^output folder .*/file/results cannot be created: Not a directory$"):
+        run_dir.make_folder(str(tmp_path / "file" / "results"), "output folder")
+    assert (tmp_path / "file").read_text() == "kept"
