@@ -48,6 +48,7 @@ def export_saved_model(model: keras.Model, export_dir: str) -> None:
       model: a polar_tf model; a front end's saturation is switched on for the export.
       export_dir: the SavedModel folder; an existing one is replaced only once the new one is complete.
     """
+    check_export_dir(export_dir)
     frontend = models.get_frontend(model)
     if frontend is not None:
         frontend.set_saturation(True)
@@ -63,7 +64,6 @@ def export_saved_model(model: keras.Model, export_dir: str) -> None:
         fn=serve,
         input_signature=[keras.InputSpec(shape=(None, *models.IMAGE_SHAPE), dtype="float32", name="images")],
     )
-    check_export_dir(export_dir)
     parent = os.path.dirname(os.path.abspath(export_dir))
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(export_dir)}.", suffix=".tmp", dir=parent)
     try:

@@ -113,3 +113,19 @@ def test_checkpoint_loads_and_predicts_identically_under_each_backend(tmp_path, 
         np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
     else:
         _assert_same_logits(model, x, np.load(tmp_path / "y.npy"), expected)
+
+
+def test_an_export_that_would_fail_is_refused_before_any_work(tmp_path, monkeypatch):
+    from polar_tf import export
+
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(OSError, match=r"^export_dir .*/file is a file, not a folder$"):
+        export.check_export_dir(str(tmp_path / "file"))
+    with pytest.raises(OSError, match=r"^the folder of export_dir .*/file is a file, not a folder$"):
+        export.check_export_dir(str(tmp_path / "file" / "export"))
+    assert (tmp_path / "file").read_text() == "kept"
+    export.check_export_dir(str(tmp_path / "new" / "export"))  # its folder is made; the export's own is not
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "export").exists()
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # as on the GPU machine: not installed
+    with pytest.raises(ValueError, match=r"^export_dir needs TensorFlow to write a SavedModel, and it is not installed"):
+        export.check_export_dir(str(tmp_path / "new" / "export"))
