@@ -6,7 +6,7 @@ import shlex
 import pytest
 from absl import flags
 
-from polar_tf import cli, evaluation_config, report, suites
+from polar_tf import cli, evaluation_config, report
 from polar_tf.config import Config
 from polar_tf.evaluation_config import AdaptiveConfig, EvalConfig, parse_eps_sweep
 from polar_tf.reproduction_protocol import Protocol
@@ -89,7 +89,7 @@ def test_evaluate_command_parses_back_to_the_config_of_its_suite(config):
     assert (values.suite or "standard") == ("adaptive" if isinstance(config, AdaptiveConfig) else "standard")
     given = {name: values[name].value for name in evaluation_config.FIELDS if values[name].present}
     suite = values.suite or "standard"
-    assert suites.suite_config(suite, ["a.keras", "b.keras"], given) == config
+    assert evaluation_config.settings_config(suite, given) == config  # the command names the dataset
     assert (values.model_path, values.output_dir, values.data_dir) == ("a.keras,b.keras", "out dir", "/data")
 
 
