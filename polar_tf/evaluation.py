@@ -57,7 +57,7 @@ def resolve_dataset(model_paths: Sequence[str], dataset: str | None = None, allo
     if dataset is None:
         if len(trained) > 1:
             raise ValueError(f"the models were trained on different datasets ({', '.join(trained)}): pass --dataset")
-        if not trained:
+        if not trained and model_paths:
             logging.warning("No config says which dataset %s was trained on: evaluating on %s (pass --dataset to "
                             "choose)", ", ".join(model_paths), DEFAULT_DATASET)
         return trained[0] if trained else DEFAULT_DATASET

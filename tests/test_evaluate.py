@@ -45,6 +45,7 @@ def test_cli_runs_and_prints_the_table(tiny_model_path, tmp_path):
     "args, message",
     [
         (["--model_path=/nonexistent/model.keras"], "does not exist"),  # a user error in the run
+        ([], "--model_path is required"),
         (["--model_path=x.keras", "--loss=mse"], "loss"),  # a flag that absl rejects
     ],
 )
