@@ -23,6 +23,8 @@ except ValueError as e:
     assert str(e).startswith("export_dir needs TensorFlow to write a SavedModel, and it is not installed"), e
     assert os.listdir(workdir) == []
     print("export refused before training")
+else:
+    raise SystemExit("train ran with an export_dir it cannot write")
 training.train_and_evaluate(config.Config(epochs_per_stage=1, train_examples=64), workdir, "all", sys.argv[1])
 assert os.path.isfile(os.path.join(workdir, "stage3.keras"))
 print("trained without tensorflow")
